@@ -1,0 +1,132 @@
+"""Plugging packed varlen attention into torchtune decoders without touching torchtune's source.
+
+torchtune's :class:`~torchtune.modules.MultiHeadAttention` (0.6.x) projects, applies RoPE with
+``input_pos``, expands k/v to all query heads (GQA) and then calls
+``self._attention_call(q, k, v, mask=mask, dropout_p=..., is_causal=...)`` with
+``q, k, v`` of shape ``[b, n_h, s, h_d]``; ``TransformerDecoder`` / ``TransformerSelfAttentionLayer``
+hand ``mask`` down to every layer untouched. fastrm therefore:
+
+1. replaces each attention module's ``_attention_call`` (an instance attribute set in
+   ``MultiHeadAttention.__init__``) with :class:`VarlenAttentionCall`, and
+2. passes a :class:`~fastrm.attention.metadata.VarlenMetadata` as ``mask`` and the packed
+   ``position_ids`` as ``input_pos``.
+
+:class:`VarlenAttentionCall` routes a ``VarlenMetadata`` mask to
+:func:`fastrm.attention.varlen_attention` and anything else (``None``, a boolean tensor, a
+flex ``BlockMask``) to torchtune's original call, so the same model still runs padded batches,
+generation with KV caches, and torchtune's own packed datasets.
+
+Gemma 2's ``Gemma2Attention`` computes attention inline (logit soft-capping, sliding windows)
+with no ``_attention_call`` hook; it is rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from fastrm.attention.metadata import VarlenMetadata
+from fastrm.attention.varlen import check_backend, varlen_attention
+
+
+class VarlenAttentionCall:
+    """Drop-in for ``MultiHeadAttention._attention_call`` that understands packed metadata.
+
+    Args:
+        fallback: torchtune's original ``_attention_call`` (SDPA / flex), used for any mask that
+            is not a :class:`VarlenMetadata`.
+        num_heads: query heads of the attention module.
+        num_kv_heads: key/value heads (``< num_heads`` for GQA).
+    """
+
+    def __init__(self, fallback: Callable, num_heads: int, num_kv_heads: int) -> None:
+        self.fallback = fallback
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask=None,
+        dropout_p: float = 0.0,
+        is_causal: bool = True,
+    ) -> torch.Tensor:
+        """``q [1, H, T, D]``, ``k, v [1, H or H_kv, T, D]`` -> ``[1, H, T, D]``."""
+        if not isinstance(mask, VarlenMetadata):
+            return self.fallback(q, k, v, mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        if q.shape[0] != 1:
+            raise ValueError(
+                f"packed attention takes one flat row [1, T]; got a batch of {q.shape[0]} rows "
+                "(concatenate packed rows: attention never crosses segments)"
+            )
+        group = self.num_heads // self.num_kv_heads
+        if group > 1 and k.shape[1] == self.num_heads:
+            # torchtune expanded k/v to every query head (heads ordered kv0 x group, kv1 x group,
+            # ...); one head per group is the original: kernels with native GQA read H_kv heads.
+            k = k[:, ::group]
+            v = v[:, ::group]
+        out = varlen_attention(
+            q[0].transpose(0, 1),
+            k[0].transpose(0, 1),
+            v[0].transpose(0, 1),
+            metadata=mask,
+            dropout_p=dropout_p,
+        )
+        return out.transpose(0, 1).unsqueeze(0)
+
+
+def enable_varlen_attention(module: nn.Module) -> int:
+    """Installs :class:`VarlenAttentionCall` in every torchtune attention module under ``module``.
+
+    Idempotent. Returns the number of attention modules handled.
+
+    Raises:
+        NotImplementedError: for Gemma 2 attention (no ``_attention_call`` hook).
+        ValueError: when ``module`` holds no torchtune attention module.
+    """
+    from torchtune.modules import MultiHeadAttention
+
+    try:
+        from torchtune.models.gemma2._attention import Gemma2Attention
+    except ImportError:  # pragma: no cover - other torchtune versions
+        Gemma2Attention = ()  # type: ignore[assignment]
+
+    count = 0
+    for name, m in module.named_modules():
+        if Gemma2Attention and isinstance(m, Gemma2Attention):
+            raise NotImplementedError(
+                f"{name}: Gemma 2 attention (soft-capping, sliding window) computes attention "
+                "inline without torchtune's _attention_call hook; packed varlen attention "
+                "supports MultiHeadAttention models (llama2/3/3.1/3.2, qwen2/2.5, mistral, gemma, "
+                "phi3). Train Gemma 2 with padded batches (RewardModel.forward_padded)."
+            )
+        if isinstance(m, MultiHeadAttention):
+            call = m._attention_call
+            if not isinstance(call, VarlenAttentionCall):
+                m._attention_call = VarlenAttentionCall(call, m.num_heads, m.num_kv_heads)
+            count += 1
+    if count == 0:
+        raise ValueError(
+            f"{type(module).__name__} holds no torchtune MultiHeadAttention module: cannot enable "
+            "packed varlen attention"
+        )
+    return count
+
+
+def packed_metadata(
+    cu_seqlens: torch.Tensor,
+    segment_prefix: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+    device: Optional[torch.device] = None,
+) -> VarlenMetadata:
+    """Builds the ``mask`` object a patched decoder expects, on ``device``."""
+    if device is not None:
+        cu_seqlens = cu_seqlens.to(device)
+        if segment_prefix is not None:
+            segment_prefix = segment_prefix.to(device)
+    return VarlenMetadata.build(cu_seqlens, segment_prefix, backend=check_backend(backend))
