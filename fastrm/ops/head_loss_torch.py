@@ -1,0 +1,71 @@
+"""Plain-torch backend of the fused reward head + loss (any device, no compiled code).
+
+Same contract as the Triton and native backends (see :mod:`fastrm.ops._common`): the forward
+gathers only the ``N`` scored rows of ``hidden`` (never the ``[T, 1]`` head output over all
+tokens), computes the loss and ``dL/dr`` in closed form in fp32, and the backward only scales
+by ``grad_output`` and scatters into the gathered rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrm.ops._common import HeadLossInputs, loss_and_reward_grad
+
+
+def unique_position_coefficients(
+    positions: torch.Tensor, dldr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(unique_positions [U], coef [U])`` with ``coef_u = sum_{n: pos_n = u} dL/dr_n``.
+
+    A row listed twice in ``reward_positions`` gets one gradient row equal to the sum of both
+    contributions, accumulated in fp32 before the cast to ``hidden``'s dtype.
+    """
+    upos, inverse = torch.unique(positions, return_inverse=True)
+    coef = torch.zeros(upos.shape[0], dtype=dldr.dtype, device=dldr.device)
+    coef.index_add_(0, inverse, dldr)
+    return upos, coef
+
+
+class TorchFusedRewardHeadLossFunction(torch.autograd.Function):
+    """``(loss, rewards) = f(hidden [T, D], weight [D], bias [] | None, ...)`` in plain torch."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, positions, chosen, rejected, margin, cweight,
+                contrast_w, objective, label_smoothing, hinge_margin, centering):
+        inp = HeadLossInputs(hidden, weight, bias, positions, chosen, rejected, margin, cweight,
+                             contrast_w, objective, label_smoothing, hinge_margin, centering)
+        with torch.no_grad():
+            rows = hidden.index_select(0, positions).float()  # [N, D]: only the scored rows
+            rewards = rows @ weight.float()
+            if bias is not None:
+                rewards = rewards + bias.float()
+            loss, dldr = loss_and_reward_grad(rewards, inp)
+        ctx.save_for_backward(hidden, weight, positions, dldr)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.mark_non_differentiable(rewards)
+        return loss, rewards
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_rewards):
+        hidden, weight, positions, dldr = ctx.saved_tensors
+        g = grad_loss.float()
+        upos, coef = unique_position_coefficients(positions, dldr)
+        coef = coef * g
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = torch.zeros_like(hidden)
+            grad_hidden[upos] = (coef[:, None] * weight.float()[None, :]).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (coef @ hidden.index_select(0, upos).float()).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = coef.sum().to(ctx.bias_dtype)
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 10
+
+
+def torch_head_loss(inp: HeadLossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs :class:`TorchFusedRewardHeadLossFunction` on checked inputs."""
+    return TorchFusedRewardHeadLossFunction.apply(
+        inp.hidden, inp.weight, inp.bias, inp.reward_positions, inp.chosen_index,
+        inp.rejected_index, inp.margin, inp.comparison_weight, inp.contrast_weights, *inp.options())
