@@ -225,7 +225,32 @@ def test_lm_output_removed_and_state_dict_keys():
 # ---------------------------------------------------------------------------------------------
 # training step: packed loss == padded loss
 # ---------------------------------------------------------------------------------------------
-def test_packed_training_step_equals_padded():
+def _packed_loss(model, batch, impl):
+    if impl == "comparison_loss":
+        r = model.rewards(batch)
+        return comparison_loss(r, batch.chosen_index, batch.rejected_index)
+    from fastrm.ops import fused_reward_head_loss
+
+    loss, _ = fused_reward_head_loss(
+        model(batch), model.head.weight, model.head.bias, batch.reward_positions,
+        batch.chosen_index, batch.rejected_index, backend=impl.split(":")[1],
+    )
+    return loss
+
+
+def _loss_impls():
+    impls = ["comparison_loss"]
+    try:
+        from fastrm.ops import available_backends
+
+        impls += [f"fused:{b}" for b in available_backends("cpu") if b in ("torch", "native")]
+    except ImportError:
+        pass
+    return impls
+
+
+@pytest.mark.parametrize("impl", _loss_impls())
+def test_packed_training_step_equals_padded(impl):
     gen = torch.Generator().manual_seed(10)
     b = 4
     lens_c = [7, 1, 30, 12]
@@ -248,8 +273,7 @@ def test_packed_training_step_equals_padded():
     for step in range(2):
         for o in opts:
             o.zero_grad(set_to_none=True)
-        r = packed_model.rewards(batch)
-        loss_packed = comparison_loss(r, batch.chosen_index, batch.rejected_index)
+        loss_packed = _packed_loss(packed_model, batch, impl)
         rp = padded_model.rewards_padded(tokens, lengths)
         loss_padded = pair_loss(rp[:b], rp[b:])
         torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-6)
