@@ -1,0 +1,40 @@
+"""fastrm's data layer: formats -> tokenized :class:`PreferenceGroup` -> packed
+:class:`PackedBatch` (or the padded baseline :class:`PaddedBatch`).
+
+* :mod:`fastrm.data.dataset`: :class:`PreferenceDataset` and the builders (also reachable as
+  ``fastrm.datasets.<builder>`` for YAML ``_component_``);
+* :mod:`fastrm.data.formats`: row transforms (TRL implicit / explicit prompt, HH-RLHF,
+  UltraFeedback, SHP, RewardBench, scored responses, unpaired);
+* :mod:`fastrm.data.group`: :class:`PreferenceGroup`, grouping, scores/rankings -> comparisons;
+* :mod:`fastrm.data.packing`: the best-fit-decreasing planner (native + numpy),
+  :func:`collate_packed`, :func:`collate_padded`, :class:`PackedPreferenceDataset`;
+* :mod:`fastrm.data.synthetic`: the synthetic verifiable preference set;
+* :mod:`fastrm.data.cross_prompt`: prompt embedders and similar-prompt batching (RPO);
+* :mod:`fastrm.data.tokenizer`: a byte-level ``ModelTokenizer`` for tests and benchmarks.
+"""
+
+from fastrm.data.batch import PackedBatch, plain_segment_layout
+from fastrm.data.group import (
+    GroupingStats, PreferenceGroup, comparisons_from_ranking, comparisons_from_scores,
+    expand_to_pairs, merge_comparisons, split_group,
+)
+from fastrm.data.packing import (
+    PackedPreferenceDataset, PackingStats, PaddedBatch, collate_packed, collate_padded,
+    fill_rate, pack_groups, plan_rows, plan_rows_arrays,
+)
+from fastrm.data.dataset import (
+    PreferenceDataset, hh_rlhf_dataset, preference_dataset, qa_feedback_dataset,
+    rewardbench_dataset, shp_dataset, synthetic_preference_dataset, ultrafeedback_dataset,
+    unpaired_preference_dataset,
+)
+from fastrm.data.tokenizer import ByteChatTokenizer
+
+__all__ = [
+    "PackedBatch", "plain_segment_layout", "PreferenceGroup", "GroupingStats",
+    "comparisons_from_ranking", "comparisons_from_scores", "expand_to_pairs",
+    "merge_comparisons", "split_group", "PackedPreferenceDataset", "PackingStats", "PaddedBatch",
+    "collate_packed", "collate_padded", "fill_rate", "pack_groups", "plan_rows",
+    "plan_rows_arrays", "PreferenceDataset", "hh_rlhf_dataset", "preference_dataset",
+    "qa_feedback_dataset", "rewardbench_dataset", "shp_dataset", "synthetic_preference_dataset",
+    "ultrafeedback_dataset", "unpaired_preference_dataset", "ByteChatTokenizer",
+]
