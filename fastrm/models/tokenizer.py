@@ -179,14 +179,16 @@ class HFChatTokenizer(ModelTokenizer, Transform):
         message (torchtune's convention: masked tokens carry no training signal).
 
         Chat mode, turn by turn: ``<|im_start|>`` + encode(``"{role}\\n{content}"``) +
-        ``<|im_end|>`` + encode(``"\\n"``), except for the last message:
+        ``<|im_end|>`` + encode(``"\\n"``) (the chat template's text, encoded between the special
+        tokens exactly as transformers does), except:
 
-        - ``add_end_tokens=True``: the last turn stops on its ``<|im_end|>`` (:attr:`end_token_id`).
-        - ``add_end_tokens=False``: a last *assistant* turn is left open
-          (``<|im_start|>assistant\\n{content}``, to be continued); any other last turn is closed
-          in full, ready for the next one.
+        - ``add_end_tokens=True``: the last turn stops on its ``<|im_end|>`` (:attr:`end_token_id`),
+          without the newline: the position a reward model reads.
+        - ``add_end_tokens=False``: every turn is closed in full, ready for the next one, so
+          ``tokenize_messages(a, add_end_tokens=False) + tokenize_messages(b,
+          add_default_system=False) == tokenize_messages(a + b)`` for any split.
         - ``add_generation_prompt=True`` (needs ``add_end_tokens=False``) then appends
-          ``<|im_start|>assistant\\n`` (masked).
+          ``<|im_start|>assistant\\n`` (masked), as ``apply_chat_template`` does.
 
         If ``default_system_prompt`` is set, ``add_default_system`` is True and the first message
         is not a system message, a masked system turn is put first (SmolLM2's template does so).
@@ -227,13 +229,8 @@ class HFChatTokenizer(ModelTokenizer, Transform):
             messages = [Message(role="system", content=self.default_system_prompt, masked=True)] + list(messages)
         last = len(messages) - 1
         for i, m in enumerate(messages):
-            ids = [self.im_start_id] + self.encode(f"{m.role}\n{self._text(m)}")
-            if i == last and not add_end_tokens and m.role == "assistant":
-                pass  # open turn: the caller continues it
-            elif i == last and add_end_tokens:
-                ids.append(self.im_end_id)
-            else:
-                ids.append(self.im_end_id)
+            ids = [self.im_start_id] + self.encode(f"{m.role}\n{self._text(m)}") + [self.im_end_id]
+            if not (i == last and add_end_tokens):
                 ids += self._newline
             tokens += ids
             mask += [m.masked] * len(ids)
@@ -261,8 +258,8 @@ class HFChatTokenizer(ModelTokenizer, Transform):
     def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
         """torchtune transform: replaces ``sample["messages"]`` by ``"tokens"`` and ``"mask"``.
 
-        ``inference=True`` leaves the end open: no end token, and a generation prompt after a
-        last non-assistant turn.
+        ``inference=True``: all turns closed, then a generation prompt (``<|im_start|>assistant\\n``)
+        when the last turn is not the assistant's.
         """
         sample = dict(sample)
         messages = sample.pop("messages")
