@@ -131,12 +131,18 @@ def jsonl_pairs(
     truncation: str = "left_prompt",
     limit: Optional[int] = None,
     on_identical: str = "drop",
+    group_by_prompt: bool = False,
+    prompt_id_column: Optional[str] = None,
 ) -> Sequence[PreferenceGroup]:
     """Preference pairs from a JSONL file in TRL's explicit-prompt layout (``prompt``,
     ``chosen``, ``rejected``), rows with ``row[split_column] == split`` only (all rows when
     ``split`` is ``None``), the first ``limit`` of them when set; tokenized by
     :class:`fastrm.data.dataset.PreferenceDataset` with its length policy. ``path`` is
-    relative to the working directory (configs use ``../shared/data/...`` from the repo root)."""
+    relative to the working directory (configs use ``../shared/data/...`` from the repo root).
+
+    ``group_by_prompt=True`` merges the rows of one prompt (same ``prompt_id_column`` value, or
+    same prompt text when it is ``None``) into one group: the prompt is then embedded once for
+    all its responses, and each labelled pair is still one comparison (one embedding row)."""
     import json
 
     from fastrm.data.dataset import PreferenceDataset
@@ -158,5 +164,7 @@ def jsonl_pairs(
                 break
     if not rows:
         raise ValueError(f"{p} has no row with {split_column}={split!r}")
+    column_map = {"prompt_id": prompt_id_column} if prompt_id_column else None
     return PreferenceDataset(tokenizer, data=rows, max_seq_len=max_seq_len,
-                             truncation=truncation, on_identical=on_identical)
+                             truncation=truncation, on_identical=on_identical,
+                             group_by_prompt=group_by_prompt, column_map=column_map)

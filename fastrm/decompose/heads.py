@@ -234,3 +234,31 @@ def multihead_rewards(hidden: torch.Tensor, reward_positions: torch.Tensor,
     ``reward_positions [N]`` -> ``[N, k]``. Evaluation only (no loss, no backward)."""
     h = hidden.reshape(-1, hidden.shape[-1])[reward_positions]
     return heads.scores(h)
+
+
+def head_loss(
+    hidden: torch.Tensor,
+    batch,
+    heads: DecomposedHeads,
+    head: Optional[int] = None,
+    weights=None,
+    bias: float = 0.0,
+    loss_fn=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and rewards of head ``i`` (``head=i``) or a mix (``weights=alpha [k]``, e.g.
+    :attr:`HeadWeights.weights` with ``bias=HeadWeights.bias``) on a packed batch, through the
+    training recipe's fused reward head + loss: ``loss_fn.from_hidden(hidden, w, b, batch)``
+    with the combined ``D -> 1`` head ``w = W^T alpha``.
+
+    Args:
+        hidden: ``[T, D]`` (or ``[1, T, D]``) hidden states of ``batch`` (``RewardModel(batch)``).
+        batch: the :class:`~fastrm.data.batch.PackedBatch`.
+        loss_fn: a :class:`fastrm.loss.RewardLoss` (default: plain Bradley-Terry).
+
+    Returns ``(loss, rewards [N])`` as :meth:`fastrm.loss.RewardLoss.from_hidden`.
+    """
+    from fastrm.loss import RewardLoss
+
+    w, b = heads.combine(weights=weights, head=head, bias=bias)
+    loss_fn = loss_fn if loss_fn is not None else RewardLoss()
+    return loss_fn.from_hidden(hidden, w.to(hidden), b.to(hidden), batch)

@@ -94,6 +94,16 @@ def test_jsonl_pairs_reads_one_split(tmp_path):
     p.write_text("\n".join(rows) + "\n")
     train = jsonl_pairs(ByteChatTokenizer(), str(p), split="train")
     assert len(train) == 2 and all(len(g.comparisons) == 1 for g in train)
+    grouped = jsonl_pairs(ByteChatTokenizer(), str(p), group_by_prompt=True)
+    assert len(grouped) == 3
+    p2 = tmp_path / "grouped.jsonl"
+    p2.write_text("\n".join([
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "qid": 7}',
+        '{"prompt": "q", "chosen": "a", "rejected": "c", "qid": 7}',
+        '{"prompt": "r", "chosen": "d", "rejected": "e", "qid": 8}']) + "\n")
+    g2 = jsonl_pairs(ByteChatTokenizer(), str(p2), group_by_prompt=True, prompt_id_column="qid")
+    assert sorted(len(g.responses) for g in g2) == [2, 3]
+    assert sum(len(g.comparisons) for g in g2) == 3
     with pytest.raises(ValueError, match="no row"):
         jsonl_pairs(ByteChatTokenizer(), str(p), split="test")
     with pytest.raises(ValueError, match="does not exist"):

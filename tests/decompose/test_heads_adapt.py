@@ -182,3 +182,28 @@ def test_bad_inputs_raise(planted):
         load_into_head(nn.Linear(D + 1, 1), heads.combine(head=0)[0])
     with pytest.raises(ValueError, match="no decomposed heads"):
         DecomposedHeads.load("/nonexistent/heads")
+
+
+@pytest.mark.parametrize("which", ["head", "mix"])
+def test_head_loss_goes_through_fused_path(planted, which):
+    from fastrm.data.group import PreferenceGroup
+    from fastrm.data.packing import collate_packed
+    from fastrm.decompose.heads import head_loss
+    from fastrm.functional import comparison_loss
+
+    v, train, _ = planted
+    heads = orient_components(fit_pca(train, 4, progress=False), train, progress=False)
+    groups = [PreferenceGroup([1, 2, 3], [[4, 5], [6]], [(0, 1, None)]),
+              PreferenceGroup([], [[7, 8, 9], [10, 11]], [(1, 0, None)]),
+              PreferenceGroup([12], [[13], [14, 15], [16]], [(0, 1, None), (2, 1, None)])]
+    batch = collate_packed(groups, prefix_sharing=True)
+    hidden = torch.randn(batch.num_tokens, D)
+    alpha = torch.tensor([0.3, -1.2, 0.5, 2.0])
+    kw = {"head": 2} if which == "head" else {"weights": alpha, "bias": 0.7}
+    loss, rewards = head_loss(hidden, batch, heads, **kw)
+    w = heads.weight[2] if which == "head" else alpha @ heads.weight
+    b = 0.0 if which == "head" else 0.7
+    ref_r = hidden.double()[batch.reward_positions] @ w.double() + b
+    torch.testing.assert_close(rewards.double(), ref_r, rtol=1e-4, atol=1e-4)
+    ref_loss = comparison_loss(ref_r, batch.chosen_index, batch.rejected_index)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-5)
