@@ -42,7 +42,9 @@ class HashedNgramEmbedder:
     ``e[h(g)] += sign(g)`` for every n-gram ``g`` of the prompt tokens (``n`` in ``ngrams``),
     with ``h`` a fixed 64-bit multiplicative hash (the same in every process, unlike Python's
     ``hash``). Cosine similarity of two embeddings approximates the overlap of their n-gram
-    sets. Cheap (numpy), deterministic, no model.
+    sets. Cheap (numpy), deterministic, no model. The default n-grams suit subword tokenizers
+    (a token is about a word); with byte-level tokens use longer ones, e.g. ``(2, 3, 4)``, or
+    unigrams (letters) dominate the similarity.
     """
 
     def __init__(self, dim: int = 256, ngrams: Sequence[int] = (1, 2, 3), seed: int = 0) -> None:

@@ -142,7 +142,8 @@ class GroupingStats:
     contradictions: int = 0  # i > j and j > i both labelled: both dropped
     ties: int = 0  # equal scores / equal rank: no comparison
     dropped_identical: int = 0  # chosen == rejected text
-    cross_subgroup_dropped: int = 0  # comparisons lost when an oversize group was split
+    cross_subgroup_dropped: int = 0  # comparisons too long for a row even alone (dropped)
+    repeated_responses: int = 0  # responses repeated so a split group serves every comparison
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
@@ -225,12 +226,14 @@ def split_group(
 ) -> list[PreferenceGroup]:
     """Splits a group that does not fit ``capacity`` tokens into subgroups that do.
 
-    Every subgroup keeps the prompt. Responses are placed first-fit in the order of a walk over
-    the comparison graph (each response is followed by the responses it is compared with), so
-    most comparisons stay inside one subgroup. Comparisons whose two responses land in
-    different subgroups are **dropped and counted** in ``stats.cross_subgroup_dropped`` (not
-    served by repeating a response). Raises ``ValueError`` when the prompt plus a single response
-    (or, for a 2-response pair, the pair itself) cannot fit.
+    Every subgroup keeps the prompt. Comparisons are placed one by one (in the group's order)
+    into the first subgroup that already holds both responses, else one that holds one of them
+    and has room for the other, else one with room for both, else a new subgroup. So every
+    comparison stays inside one subgroup; a comparison that must cross is **served by repeating
+    a response** in a second subgroup (its reward is computed twice; counted in
+    ``stats.repeated_responses``). Responses in no comparison are dropped unless the group has
+    ``labels``. A comparison whose two responses cannot fit one row even alone is dropped and
+    counted in ``stats.cross_subgroup_dropped``; for a plain pair that is a ``ValueError``.
     """
     stats = stats if stats is not None else GroupingStats()
     if group.num_tokens(prefix_sharing) <= capacity:
@@ -244,42 +247,60 @@ def split_group(
             "max_seq_len (per-sequence truncation) so a whole pair fits in one row")
     cost = [len(r) + (0 if prefix_sharing else p) for r in group.responses]
     base = p if prefix_sharing else 0
-    for k, c in enumerate(cost):
-        if base + c > capacity:
-            raise ValueError(f"{where}: response {k} with its prompt needs {base + c} tokens, "
-                             f"more than max_seq_len={capacity}")
-    # walk order: BFS over the comparison graph, starting from the lowest index
-    adj: dict[int, list[int]] = {k: [] for k in range(group.num_responses)}
-    for i, j, _ in group.comparisons:
-        adj[i].append(j)
-        adj[j].append(i)
-    order, seen = [], set()
-    for start in range(group.num_responses):
-        if start in seen:
-            continue
-        queue = [start]
-        seen.add(start)
-        while queue:
-            k = queue.pop(0)
-            order.append(k)
-            for n in adj[k]:
-                if n not in seen:
-                    seen.add(n)
-                    queue.append(n)
-    bins: list[list[int]] = []
+    if group.labels is not None and not group.comparisons:  # unpaired pool: one per subgroup
+        subs = [[k] for k in range(group.num_responses)]
+        for k in range(group.num_responses):
+            if base + cost[k] > capacity:
+                raise ValueError(f"{where}: response {k} with its prompt needs "
+                                 f"{base + cost[k]} tokens, more than max_seq_len={capacity}")
+        return [group.subset(ks) for ks in subs]
+    members: list[list[int]] = []  # responses of each subgroup (original indices)
     used: list[int] = []
-    for k in order:
-        for b in range(len(bins)):
-            if used[b] + cost[k] <= capacity:
-                bins[b].append(k)
-                used[b] += cost[k]
+    comps: list[list] = []
+    for c in group.comparisons:
+        i, j, m = c
+        if base + cost[i] + cost[j] > capacity:
+            stats.cross_subgroup_dropped += 1
+            continue
+        target = None
+        for b, ks in enumerate(members):  # 1. holds both
+            if i in ks and j in ks:
+                target = b
                 break
-        else:
-            bins.append([k])
-            used.append(base + cost[k])
-    where_is = {k: b for b, ks in enumerate(bins) for k in ks}
-    crossing = sum(1 for i, j, _ in group.comparisons if where_is[i] != where_is[j])
-    stats.cross_subgroup_dropped += crossing
-    subs = [group.subset(sorted(ks)) for ks in bins]
-    # a subgroup with no comparison and no labels trains nothing: drop it
-    return [s for s in subs if s.comparisons or s.labels is not None]
+        if target is None:  # 2. holds one, room for the other
+            for b, ks in enumerate(members):
+                if (i in ks and used[b] + cost[j] <= capacity) or (
+                        j in ks and used[b] + cost[i] <= capacity):
+                    target = b
+                    break
+        if target is None:  # 3. room for both
+            for b in range(len(members)):
+                if used[b] + cost[i] + cost[j] <= capacity:
+                    target = b
+                    break
+        if target is None:
+            members.append([])
+            used.append(base)
+            comps.append([])
+            target = len(members) - 1
+        for k in (i, j):
+            if k not in members[target]:
+                members[target].append(k)
+                used[target] += cost[k]
+        comps[target].append(c)
+    seen: dict[int, int] = {}
+    for ks in members:
+        for k in ks:
+            seen[k] = seen.get(k, 0) + 1
+    stats.repeated_responses += sum(v - 1 for v in seen.values())
+    out = []
+    for ks, cs in zip(members, comps):
+        ks = sorted(ks)
+        remap = {old: new for new, old in enumerate(ks)}
+        labels = None if group.labels is None else [group.labels[k] for k in ks]
+        out.append(PreferenceGroup(
+            prompt_tokens=group.prompt_tokens, responses=[group.responses[k] for k in ks],
+            comparisons=[(remap[i], remap[j], m) for i, j, m in cs], prompt_id=group.prompt_id,
+            source_index=group.source_index, labels=labels, prompt_text=group.prompt_text,
+            category=group.category))
+    return out

@@ -227,6 +227,7 @@ class PackingStats:
     prompt_tokens_saved: int = 0
     split_groups: int = 0
     cross_subgroup_dropped: int = 0
+    repeated_responses: int = 0
 
     @property
     def fill_rate(self) -> float:
@@ -461,8 +462,9 @@ class PackedPreferenceDataset(Dataset):
     takes the same number of steps).
 
     Groups longer than ``max_seq_len`` are split once at construction
-    (:func:`fastrm.data.group.split_group`: each subgroup keeps the prompt; comparisons that
-    cross subgroups are dropped and counted in ``self.stats``).
+    (:func:`fastrm.data.group.split_group`: each subgroup keeps the prompt; a comparison that
+    would cross subgroups is served by repeating one of its responses, counted in
+    ``self.stats.repeated_responses``).
 
     Resume: ``state = ds.state_dict(steps_done)`` in the checkpoint;
     ``ds.load_state_dict(state)`` then ``ds.dataloader()`` continues at the next step.
@@ -520,10 +522,12 @@ class PackedPreferenceDataset(Dataset):
             split += len(parts) > 1
             units.extend(parts)
             unit_source.extend([gi] * len(parts))
-        if gstats.cross_subgroup_dropped:
-            log.warning("packing: %d groups were longer than max_seq_len=%d and were split; %d "
-                        "comparisons crossed subgroups and were dropped", split, max_seq_len,
-                        gstats.cross_subgroup_dropped)
+        if split:
+            log.warning("packing: %d groups were longer than max_seq_len=%d and were split into "
+                        "subgroups that keep the prompt; %d responses were repeated so every "
+                        "comparison stays in one subgroup; %d comparisons too long for a row "
+                        "even alone were dropped", split, max_seq_len,
+                        gstats.repeated_responses, gstats.cross_subgroup_dropped)
         self.units = units
         self.unit_source = np.asarray(unit_source, np.int64)
         self.sizes = np.fromiter((group_tokens(g, self.prefix_sharing) for g in units), np.int64,
@@ -538,6 +542,7 @@ class PackedPreferenceDataset(Dataset):
         self.stats = PackingStats(
             groups=len(units), split_groups=split,
             cross_subgroup_dropped=gstats.cross_subgroup_dropped,
+            repeated_responses=gstats.repeated_responses,
             prompt_tokens_saved=sum((len(g.responses) - 1) * len(g.prompt_tokens) for g in units
                                     if _shares_prefix(g, self.prefix_sharing)))
         self.start_step = 0
