@@ -86,10 +86,14 @@ def build_splits(cfg: DictConfig, output_dir: Path, progress: bool = True) -> di
     for name, ds_cfg in cfg.splits.items():
         path = output_dir / "embeddings" / str(name)
         if (path / "meta.json").exists() and not bool(emb.get("overwrite", False)):
-            out[name] = EmbeddingStore.open(path)
-            log.info("decompose: reusing the embeddings of split %s at %s (%d pairs)", name, path,
-                     out[name].num_pairs)
-            continue
+            cached = EmbeddingStore.open(path)
+            if cached.complete and cached.dim == int(model.embed_dim):
+                out[name] = cached
+                log.info("decompose: reusing the embeddings of split %s at %s (%d pairs)", name,
+                         path, cached.num_pairs)
+                continue
+            log.info("decompose: the embeddings at %s are incomplete or of another model; "
+                     "recomputing them", path)
         groups = _instantiate(ds_cfg, tokenizer=tokenizer)
         stats = getattr(groups, "stats", None)
         store = EmbeddingStore.create(path, dim=int(model.embed_dim),

@@ -107,7 +107,8 @@ class EmbeddingStore:
         for old in path.glob("shard_*.safetensors"):
             old.unlink()
         meta = {"format": STORE_FORMAT, "dim": int(dim), "dtype": str(dtype).replace("torch.", ""),
-                "num_pairs": 0, "shards": [], "shard_size": int(shard_size), "info": info or {}}
+                "num_pairs": 0, "shards": [], "shard_size": int(shard_size), "complete": False,
+                "info": info or {}}
         store = cls(path, meta)
         store._writable = True
         store._write_meta()
@@ -143,6 +144,7 @@ class EmbeddingStore:
         if self._writable and self._buffered:
             self._flush(self._buffered)
         self._writable = False
+        self.meta["complete"] = True
         self._write_meta()
         return self
 
@@ -168,6 +170,11 @@ class EmbeddingStore:
     @property
     def dim(self) -> int:
         return int(self.meta["dim"])
+
+    @property
+    def complete(self) -> bool:
+        """True once :meth:`close` ran (a store left by an interrupted run is incomplete)."""
+        return bool(self.meta.get("complete", False))
 
     @property
     def info(self) -> dict:

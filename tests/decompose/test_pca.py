@@ -65,7 +65,9 @@ def test_chunked_pca_streams_a_disk_store(tmp_path):
     store = EmbeddingStore.create(tmp_path / "s", dim=12, shard_size=64)
     for i in range(0, 500, 37):  # appends that straddle shard boundaries
         store.append(base[i:i + 37] + z[i:i + 37], base[i:i + 37])
+    assert not EmbeddingStore.open(tmp_path / "s").complete  # interrupted here: not reusable
     store.close()
+    assert store.complete
     reopened = EmbeddingStore.open(tmp_path / "s")
     assert reopened.num_pairs == 500 and len(reopened.meta["shards"]) == 8
     ch = fit_pca(reopened, 4, method="covariance", chunk_size=50, progress=False)

@@ -46,12 +46,12 @@ def test_cli_synthetic_recovers_planted_truth(tmp_path, capsys):
     torch.testing.assert_close(h2["weight"][0], heads.weight[2])
 
 
-def test_config_errors():
+def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="neither a YAML file"):
         load_config("decompose_nonexistent", [])
     with pytest.raises(ValueError, match="key=value"):
         load_config("decompose_synthetic", ["pca.num_heads"])
-    cfg = load_config("decompose_synthetic", ["train_split=nope", "output_dir=/tmp/fastrm_test_x",
+    cfg = load_config("decompose_synthetic", ["train_split=nope", f"output_dir={tmp_path}",
                                               "embeddings.num_train=50", "embeddings.num_validation=10",
                                               "embeddings.num_user=10"])
     with pytest.raises(ValueError, match="train_split"):
