@@ -333,6 +333,7 @@ class TritonFusedRewardHeadLossFunction(torch.autograd.Function):
         return loss, rewards
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_rewards):
         hidden, weight, upos, coef = ctx.saved_tensors
         with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():

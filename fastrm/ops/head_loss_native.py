@@ -49,6 +49,7 @@ class NativeFusedRewardHeadLossFunction(torch.autograd.Function):
         return loss, rewards
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_rewards):
         hidden, weight, positions, dldr = ctx.saved_tensors
         need_hidden = ctx.needs_input_grad[0]

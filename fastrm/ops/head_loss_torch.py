@@ -35,7 +35,8 @@ class TorchFusedRewardHeadLossFunction(torch.autograd.Function):
                 contrast_w, objective, label_smoothing, hinge_margin, centering):
         inp = HeadLossInputs(hidden, weight, bias, positions, chosen, rejected, margin, cweight,
                              contrast_w, objective, label_smoothing, hinge_margin, centering)
-        with torch.no_grad():
+        # autocast off: the reward dot products must accumulate in fp32 even under bf16 autocast
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             rows = hidden.index_select(0, positions).float()  # [N, D]: only the scored rows
             rewards = rows @ weight.float()
             if bias is not None:
@@ -48,19 +49,22 @@ class TorchFusedRewardHeadLossFunction(torch.autograd.Function):
         return loss, rewards
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_rewards):
         hidden, weight, positions, dldr = ctx.saved_tensors
         g = grad_loss.float()
         upos, coef = unique_position_coefficients(positions, dldr)
         coef = coef * g
         grad_hidden = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = torch.zeros_like(hidden)
-            grad_hidden[upos] = (coef[:, None] * weight.float()[None, :]).to(hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (coef @ hidden.index_select(0, upos).float()).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = coef.sum().to(ctx.bias_dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                # zeros, not empty: every row outside reward_positions must be exactly 0
+                grad_hidden = torch.zeros_like(hidden)
+                grad_hidden[upos] = (coef[:, None] * weight.float()[None, :]).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = (coef @ hidden.index_select(0, upos).float()).to(weight.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = coef.sum().to(ctx.bias_dtype)
         return (grad_hidden, grad_weight, grad_bias) + (None,) * 10
 
 

@@ -170,6 +170,8 @@ PAIR_CASES = {
                                                              cweight=True), dict(label_smoothing=0.2)),
     # each response in ~27 comparisons: segments longer than one reduction block
     "grouped_long_segments": (12, 67, 3, 40, dict(grouped=True, margin=True), dict(centering_coefficient=0.01)),
+    # several blocks in every kernel grid (U > 16 rows, P > 1024 comparisons): partial sums
+    "many_comparisons": (80, 67, 50, 1100, dict(grouped=True, cweight=True), dict(centering_coefficient=0.01)),
     "large_rewards": (20, 67, 8, 4, dict(scale=40.0), dict(label_smoothing=0.05)),
 }
 
@@ -314,3 +316,27 @@ def test_module_wraps_function_and_instantiates_from_config():
         FusedRewardHeadLoss(objective="dpo")
     with pytest.raises(ValueError, match="backend"):
         FusedRewardHeadLoss(backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fp32_accumulation_under_bf16_autocast(backend):
+    """CPU bf16 autocast must not turn the reward dot products into bf16 matmuls."""
+    case = make_case(20, 130, 6, 3, torch.float32, "autocast", margin=True, scale=3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, rewards, gh, gw, gb = run(case, backend, centering_coefficient=0.01)
+    r_loss, r_rewards, r_gh, r_gw, _ = reference(case, centering_coefficient=0.01)
+    torch.testing.assert_close(rewards.double(), r_rewards, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), r_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh.double(), r_gh, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_double_backward_is_refused(backend):
+    """The backward is once-differentiable: a second derivative fails loudly, never silently."""
+    case = make_case(12, 67, 4, 2, torch.float32, "dbl")
+    h = case.hidden.clone().requires_grad_(True)
+    loss, _ = fused_reward_head_loss(h, case.weight, case.bias, case.positions, case.chosen,
+                                     case.rejected, backend=backend)
+    (g,) = torch.autograd.grad(loss, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        g.sum().backward()
