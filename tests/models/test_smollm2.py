@@ -172,7 +172,7 @@ def test_gguf_key_mapping():
 
 
 @needs_smollm2
-def test_config_read_from_gguf(smollm2_dir):
+def test_config_read_from_gguf(smollm2_dir, tune_model):
     reader = fgguf.gguf_reader(smollm2_gguf_path())
     cfg = fgguf.GGUFLlamaConfig.from_metadata(fgguf.read_gguf_metadata(reader), [t.name for t in reader.tensors])
     assert (cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
@@ -184,8 +184,7 @@ def test_config_read_from_gguf(smollm2_dir):
     assert (hf["num_key_value_heads"], hf["intermediate_size"], hf["rope_theta"]) == (3, 1536, 1e5)
     assert hf["rms_norm_eps"] == 1e-5 and hf["rope_scaling"] is None
     # the builder has exactly the parameters the checkpoint holds (tied head: no output.weight)
-    model = smollm2_135m(max_seq_len=64)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in tune_model.parameters())
     assert n_params == 30 * (2 * 576 + 576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536) + 576 + 49152 * 576
 
 
@@ -260,6 +259,7 @@ def test_forward_matches_gguf_reference(smollm2_dir, gguf_tensors, tune_model):
 
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_wrong_qk_layout_is_detected(smollm2_dir, gguf_tensors, tune_model):
     """Loading the HF file *without* torchtune's q/k un-permutation gives clearly worse
@@ -288,26 +288,50 @@ def test_wrong_qk_layout_is_detected(smollm2_dir, gguf_tensors, tune_model):
 
 
 @needs_smollm2
-def test_greedy_generation_is_sensible(smollm2_dir, tmp_path):
-    """The recipe path (smollm2_checkpointer) + greedy decoding answers a factual question."""
+def test_next_token_is_sensible(smollm2_dir, tune_model):
+    """One forward pass: after the chat prompt and "The capital of France is", the most likely
+    next token is " Paris"."""
     from tokenizers import Tokenizer
 
-    ckpt = smollm2_checkpointer(output_dir=str(tmp_path / "out"), checkpoint_dir=str(smollm2_dir))
-    model = smollm2_135m(max_seq_len=256)
-    model.load_state_dict(ckpt.load_checkpoint()["model"], strict=True)
-    model.eval()
+    tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    ids = tok.encode(PROMPT + "The capital of France is").ids
+    with torch.no_grad():
+        top = tune_model(torch.tensor([ids]))[0, -1].topk(3).indices.tolist()
+    print(f"top-3 next tokens: {[tok.decode([i]) for i in top]}")
+    assert tok.decode([top[0]]) == " Paris"
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_greedy_generation_is_sensible(smollm2_dir, tune_model):
+    """Greedy decoding with the checkpointer-loaded model answers a factual question."""
+    from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     ids = tok.encode(PROMPT).ids
     x = torch.tensor([ids])
     with torch.no_grad():
         for _ in range(12):
-            nxt = model(x)[0, -1].argmax().view(1, 1)
+            nxt = tune_model(x)[0, -1].argmax().view(1, 1)
             x = torch.cat([x, nxt], dim=1)
             if nxt.item() == tok.token_to_id("<|im_end|>"):
                 break
     answer = tok.decode(x[0, len(ids):].tolist())
     print(f"greedy answer: {answer!r}")
     assert "Paris" in answer
+
+
+@needs_smollm2
+def test_smollm2_checkpointer(smollm2_dir, tmp_path):
+    """The YAML helper: prepared dir, model.safetensors, LLAMA3_2 (tied head, q/k permutation)."""
+    from torchtune.training import FullModelHFCheckpointer
+
+    ckpt = smollm2_checkpointer(output_dir=str(tmp_path / "out"), checkpoint_dir=str(smollm2_dir))
+    assert isinstance(ckpt, FullModelHFCheckpointer)
+    assert ckpt._model_type.name == "LLAMA3_2"
+    assert [p.name for p in ckpt._checkpoint_paths] == ["model.safetensors"]
+    with pytest.raises(ValueError, match="no config.json"):
+        smollm2_checkpointer(output_dir=str(tmp_path / "o2"), checkpoint_dir=str(tmp_path / "empty"), prepare=False)
 
 
 @needs_smollm2
