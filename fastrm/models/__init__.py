@@ -20,6 +20,7 @@ from fastrm.models.reward_model import (
     load_base_weights,
     load_from_checkpointer,
     load_head,
+    register_fsdp_forward_methods,
     save_head,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "load_from_checkpointer",
     "load_head",
     "lora_reward_model",
+    "register_fsdp_forward_methods",
     "reward_model",
     "save_head",
     "tiny_llama3",

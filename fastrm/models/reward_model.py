@@ -162,7 +162,9 @@ class RewardModel(nn.Module):
         h = dec.tok_embeddings(tokens)
         for layer in dec.layers:
             h = layer(h, mask=metadata, input_pos=position_ids)
-        return dec.norm(h)[0]
+        # norm of [T, D] (not a view of [1, T, D]): FSDP2 hooks the root's output for backward
+        # and warns about views that an in-place op could detach from that hook
+        return dec.norm(h[0])
 
     def forward(self, batch: PackedBatch, *, return_rewards: bool = False) -> torch.Tensor:
         """``[T, D]`` hidden states of ``batch`` (for the fused head + loss), or ``[N]`` rewards
@@ -183,23 +185,35 @@ class RewardModel(nn.Module):
         head never sees ``[T, D]`` (``hidden`` may also be an already selected ``[N, D]``)."""
         if positions is not None:
             hidden = hidden.index_select(0, positions.to(hidden.device))
-        return self.head(hidden).squeeze(-1).float()
+        # [N, 1] -> [N] float32; a (one-element) sum rather than squeeze so the result is a new
+        # tensor, not a view (FSDP2 registers its pre-backward hook on the root's output)
+        return self.head(hidden).sum(-1, dtype=torch.float32)
 
     # ------------------------------------------------------------------------------------------
     # padded path (baselines, evaluation, models without varlen support)
     # ------------------------------------------------------------------------------------------
     def forward_padded(
-        self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None
+        self,
+        tokens: torch.Tensor,
+        lengths: Optional[torch.Tensor] = None,
+        *,
+        return_rewards: bool = False,
     ) -> torch.Tensor:
-        """Plain causal forward of a right-padded batch.
+        """Plain causal forward of a right-padded batch (baselines, evaluation, models without
+        packed attention).
 
         Args:
             tokens: ``[B, L]`` token ids, sequence ``b`` in ``tokens[b, :lengths[b]]``, padding
                 after it (causal attention means real tokens never see the padding).
-            lengths: ``[B]`` real lengths (checked to lie in ``[1, L]``), optional.
+            lengths: ``[B]`` real lengths in ``[1, L]``; required with ``return_rewards``.
+            return_rewards: return ``[B]`` float32 rewards at each last real token instead.
 
         Returns:
-            ``[B, L, D]`` final-norm hidden states (padding rows are garbage by construction).
+            ``[B, L, D]`` final-norm hidden states (rows past a sequence's length are padding
+            garbage), or ``[B]`` rewards.
+
+        Under FSDP2 call :func:`register_fsdp_forward_methods` once after ``fully_shard`` so this
+        method unshards the root parameters like ``forward`` does.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, L], got {tuple(tokens.shape)}")
@@ -208,17 +222,31 @@ class RewardModel(nn.Module):
                 raise ValueError(f"lengths must be [B] = [{tokens.shape[0]}], got {tuple(lengths.shape)}")
             if bool(((lengths < 1) | (lengths > tokens.shape[1])).any()):
                 raise ValueError(f"lengths must lie in [1, L={tokens.shape[1]}]")
+        elif return_rewards:
+            raise ValueError("forward_padded(return_rewards=True) needs lengths")
         dec = self.decoder
         h = dec.tok_embeddings(tokens)
         for layer in dec.layers:
-            h = layer(h)  # mask=None -> torchtune's causal SDPA
-        return dec.norm(h)
+            h = layer(h)  # mask=None -> torchtune's own causal SDPA
+        h = dec.norm(h)
+        if not return_rewards:
+            return h
+        idx = torch.arange(tokens.shape[0], device=tokens.device)
+        return self.score(h[idx, lengths.to(tokens.device) - 1])
 
     def rewards_padded(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``[B]`` float32 rewards at each right-padded sequence's last real token."""
-        hidden = self.forward_padded(tokens, lengths)
-        idx = torch.arange(tokens.shape[0], device=tokens.device)
-        return self.score(hidden[idx, lengths.to(tokens.device) - 1])
+        return self.forward_padded(tokens, lengths, return_rewards=True)
+
+
+def register_fsdp_forward_methods(model: RewardModel) -> None:
+    """After ``fully_shard(model)``: lets ``model.forward_padded`` (and so ``rewards_padded``)
+    run FSDP2's unshard / reshard hooks like ``forward``. ``forward``, ``rewards`` (which calls
+    ``forward``) need nothing. ``hidden_states`` is the body of ``forward``: under FSDP2 call
+    ``model(batch)`` instead."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    register_fsdp_forward_method(model, "forward_padded")
 
 
 # ----------------------------------------------------------------------------------------------
