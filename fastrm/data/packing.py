@@ -169,15 +169,13 @@ def plan_rows_arrays(
     if backend == "native" and not _native.has_op("plan_rows_bfd"):
         raise ValueError("backend='native' but the extension is not available: "
                          f"{_native.unavailable_reason() or 'op plan_rows_bfd missing; rebuild'}")
-    order = np.argsort(-sizes, kind="stable")
     if sizes.size == 0:
         return np.zeros(0, np.int64), np.zeros(1, np.int64)
     if use_native:
-        bins = torch.ops.fastrm.plan_rows_bfd(torch.from_numpy(sizes), int(max_seq_len)).numpy()
-        bin_sorted = bins[order]
-        num_rows = int(bin_sorted.max()) + 1
-    else:
-        bin_sorted, num_rows = _bins_numpy(sizes, int(max_seq_len), order)
+        items, offsets = torch.ops.fastrm.plan_rows_bfd(torch.from_numpy(sizes), int(max_seq_len))
+        return items.numpy(), offsets.numpy()
+    order = np.argsort(-sizes, kind="stable")
+    bin_sorted, num_rows = _bins_numpy(sizes, int(max_seq_len), order)
     perm = np.argsort(bin_sorted, kind="stable")
     items = order[perm]
     counts = np.bincount(bin_sorted, minlength=num_rows)
