@@ -255,6 +255,28 @@ class VarlenMetadata:
         self._cache["key_gather"] = kg
         return kg
 
+    def flex_block_mask(self):
+        """FlexAttention ``BlockMask`` of the attention rule (``mask_mod`` over per-token
+        segment id and prefix range), built once per step."""
+        bm = self._cache.get("flex_block_mask")
+        if bm is not None:
+            return bm
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        starts, lens, pstart, plen = self._lengths()
+        device = self.cu_seqlens.device
+        t = self.total_tokens
+        seg = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens)
+        ps, pe = pstart[seg], pstart[seg] + plen[seg]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            same = (seg[q_idx] == seg[kv_idx]) & (kv_idx <= q_idx)
+            return same | ((kv_idx >= ps[q_idx]) & (kv_idx < pe[q_idx]))
+
+        bm = create_block_mask(mask_mod, None, None, t, t, device=device)
+        self._cache["flex_block_mask"] = bm
+        return bm
+
     def dense_mask(self) -> torch.Tensor:
         """``[T, T]`` bool mask of the attention rule (``True`` = attend). Tests only:
         ``O(T^2)`` memory, never used by a default backend."""

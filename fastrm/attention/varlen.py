@@ -14,6 +14,10 @@ Backends:
 ``"torch_varlen"``
     ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; PyTorch's bundled flash kernel),
     same key gather for prefixes, causal via ``window_size=(-1, 0)`` (also bottom-right aligned).
+``"flex"``
+    ``torch.nn.attention.flex_attention`` with a block mask built from the segment metadata
+    (block-sparse: blocks with no allowed pair are skipped). Compiled on CUDA; on CPU PyTorch
+    runs it eagerly and forward-only (no backward), so it is never chosen automatically.
 ``"sdpa_segments"``
     Exact per-segment SDPA on any device and dtype: segments with equal (query length, prefix
     length) are gathered into one batched SDPA call; no work is spent on pairs of tokens from
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 
 from fastrm.attention.metadata import VarlenMetadata
 
-BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_segments", "reference")
+BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "sdpa_segments", "reference")
 ENV_VAR = "FASTRM_ATTENTION_BACKEND"
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -250,7 +254,54 @@ def _torch_varlen(
     )
 
 
+_FLEX_COMPILED: dict = {}
+
+
+def _flex_attention_fn(device: torch.device) -> Callable:
+    """flex_attention, compiled once per process on CUDA (flex is only fast when compiled)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    fn = _FLEX_COMPILED.get("cuda")
+    if fn is None:
+        fn = torch.compiler.disable(torch.compile(flex_attention, dynamic=False), recursive=False)
+        _FLEX_COMPILED["cuda"] = fn
+    return fn
+
+
+def _flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: VarlenMetadata,
+    dropout_p: float,
+    scale: Optional[float],
+) -> torch.Tensor:
+    """FlexAttention over the whole row with ``meta.flex_block_mask()`` (the rule as a
+    ``mask_mod``); GQA native."""
+    if dropout_p:
+        raise ValueError("attention backend 'flex' has no dropout; set attn_dropout=0")
+    if not q.is_cuda and torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+    ):
+        raise RuntimeError(
+            "attention backend 'flex' has no backward on CPU in PyTorch; use 'sdpa_segments' "
+            "(the CPU default) for training on CPU"
+        )
+    out = _flex_attention_fn(q.device)(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        block_mask=meta.flex_block_mask(),
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+    return out[0].transpose(0, 1)
+
+
 _IMPLS = {
+    "flex": _flex,
     "sdpa_segments": _sdpa_segments,
     "reference": _reference,
     "flash_attn": _flash_attn,
@@ -285,7 +336,7 @@ def varlen_attention(
         dropout_p: attention dropout probability (training only).
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` / ``None``, ``"flash_attn"``, ``"torch_varlen"``,
-            ``"sdpa_segments"`` or ``"reference"``.
+            ``"flex"``, ``"sdpa_segments"`` or ``"reference"``.
 
     Returns:
         ``[T, H, D]`` attention output, ``q``'s dtype.

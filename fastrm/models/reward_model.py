@@ -70,7 +70,7 @@ class RewardModel(nn.Module):
         head: the reward head; default a fresh ``RewardHead(D, head_init_std)``.
         head_init_std: init std of a fresh head (default ``1 / sqrt(D + 1)``).
         attention_backend: attention backend for packed batches (``None`` / ``"auto"``,
-            ``"flash_attn"``, ``"torch_varlen"``, ``"sdpa_segments"``, ``"reference"``);
+            ``"flash_attn"``, ``"torch_varlen"``, ``"flex"``, ``"sdpa_segments"``, ``"reference"``);
             the env var ``FASTRM_ATTENTION_BACKEND`` applies when this is ``None``.
 
     State-dict keys: ``decoder.*`` (torchtune names under ``decoder.``), ``head.weight [1, D]``,
@@ -151,12 +151,14 @@ class RewardModel(nn.Module):
         t = tokens.shape[1]
         if metadata.total_tokens != t:
             raise ValueError(f"cu_seqlens ends at {metadata.total_tokens} but tokens has T={t}")
-        max_pos = int(position_ids.max()) if t else 0
-        if max_pos >= self.decoder.max_seq_len or int(position_ids.min()) < 0:
+        # RoPE indexes its cache with the positions: an out-of-range id would be a device
+        # assert on CUDA, so check here (one host sync for both bounds)
+        min_pos, max_pos = (int(x) for x in torch.stack(torch.aminmax(position_ids)).tolist())
+        if max_pos >= self.decoder.max_seq_len or min_pos < 0:
             raise ValueError(
-                f"position_ids must lie in [0, max_seq_len={self.decoder.max_seq_len}), got max "
-                f"{max_pos}: a sequence is longer than the model's RoPE cache; pack with a smaller "
-                "max_seq_len or build the decoder with a larger max_seq_len"
+                f"position_ids must lie in [0, max_seq_len={self.decoder.max_seq_len}), got "
+                f"[{min_pos}, {max_pos}]: a sequence is longer than the model's RoPE cache; pack "
+                "with a smaller max_seq_len or build the decoder with a larger max_seq_len"
             )
         dec = self.decoder
         h = dec.tok_embeddings(tokens)

@@ -237,3 +237,19 @@ def test_bad_layouts_raise_value_error():
         varlen_attention(q, k, v, torch.tensor([0, 2, 4]))
     with pytest.raises(ValueError, match="H % H_kv"):
         varlen_attention(q, k[:, :1].expand(5, 1, 8), v, torch.tensor([0, 2, 5]))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_flex_backend_forward_matches_reference(heads):
+    """FlexAttention with the metadata's block mask (CPU: eager, forward only)."""
+    h, hk = heads
+    cu, pre = random_layout(random.Random(300), with_prefix=True, max_len=70)
+    t = int(cu[-1])
+    q, k, v = (x.detach() for x in qkv(t, h, hk, 16, torch.float32, 5))
+    with torch.no_grad():
+        out = varlen_attention(q, k, v, cu, pre, backend="flex")
+        ref = varlen_attention(q.double(), k.double(), v.double(), cu, pre, backend="reference")
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6)
+    with pytest.raises(RuntimeError, match="no backward on CPU"):
+        varlen_attention(q.requires_grad_(), k, v, cu, pre, backend="flex")
