@@ -170,6 +170,7 @@ class PreferenceDataset(Dataset):
                 continue
             g.validate()
             groups.append(g)
+        self._check_margins(groups)
         self.groups = groups
         self.num_prompts = len(ids)
         self.stats.update({f"grouping_{k}": v for k, v in self.grouping.as_dict().items()})
@@ -178,8 +179,21 @@ class PreferenceDataset(Dataset):
         dropped = {k: v for k, v in self.stats.items() if v and k not in (
             "rows", "groups", "comparisons", "grouping_rows", "grouping_groups",
             "grouping_comparisons")}
-        log.info("preference data: %d rows -> %d groups, %d comparisons; %s", self.stats["rows"],
-                 len(groups), self.stats["comparisons"], dropped or "nothing dropped")
+        (log.warning if dropped else log.info)(
+            "preference data: %d rows -> %d groups, %d comparisons; %s", self.stats["rows"],
+            len(groups), self.stats["comparisons"], dropped or "nothing dropped or truncated")
+
+    @staticmethod
+    def _check_margins(groups: list[PreferenceGroup]) -> None:
+        # a batch needs margins on all comparisons or none: catch a mix here, not mid-training
+        with_m = [g for g in groups if any(m is not None for _, _, m in g.comparisons)]
+        without = [g for g in groups if any(m is None for _, _, m in g.comparisons)]
+        if with_m and without:
+            few = without if len(without) <= len(with_m) else with_m
+            raise ValueError(
+                f"{len(with_m)} groups have margins and {len(without)} lack them (first: row "
+                f"{few[0].source_index!r}); every comparison needs a margin or none does: fill "
+                "the missing 'margin' values or drop the margin column (column_map)")
 
     # ------------------------------------------------------------------ row checks / grouping
     def _identical(self, raw: RawGroup, on_identical: str) -> bool:

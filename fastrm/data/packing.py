@@ -472,6 +472,8 @@ class PackedPreferenceDataset(Dataset):
         max_seq_len: tokens per packed row.
         rows_per_step: rows per step; the step is one flat ``[1, T]`` batch, ``T <=
             rows_per_step * max_seq_len``.
+        tokens_per_step: alternative token budget: ``rows_per_step = tokens_per_step //
+            max_seq_len`` (overrides ``rows_per_step``).
         prefix_sharing: ``[prompt][r_1]..[r_K]`` layout for groups with a prompt. ``None``
             (default) turns it on when any group has a prompt.
         seed, epoch: shuffling.
@@ -490,6 +492,7 @@ class PackedPreferenceDataset(Dataset):
         max_seq_len: int,
         rows_per_step: int = 1,
         prefix_sharing: Optional[bool] = None,
+        tokens_per_step: Optional[int] = None,
         seed: int = 0,
         epoch: int = 0,
         window: Optional[int] = None,
@@ -499,6 +502,11 @@ class PackedPreferenceDataset(Dataset):
         world_size: int = 1,
         backend: str = "auto",
     ) -> None:
+        if tokens_per_step is not None:
+            if tokens_per_step < max_seq_len:
+                raise ValueError(f"tokens_per_step={tokens_per_step} must be >= max_seq_len="
+                                 f"{max_seq_len} (one row)")
+            rows_per_step = tokens_per_step // max_seq_len
         if rows_per_step < 1:
             raise ValueError(f"rows_per_step must be >= 1, got {rows_per_step}")
         if not 0 <= rank < world_size:

@@ -256,3 +256,11 @@ def test_qa_feedback_preset(tok, shared_data):
     assert sum(x.num_comparisons for x in grouped) + grouped.stats["grouping_contradictions"] * 2 \
         + grouped.stats["grouping_duplicates"] == 2104
     assert len(grouped) == len({x.prompt_id for x in train})
+
+
+def test_margin_on_some_rows_only_is_an_error(tok):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.0},
+            {"prompt": "p", "chosen": "a", "rejected": "c", "margin": None},
+            {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2.0}]
+    with pytest.raises(ValueError, match="first: row 1"):
+        PreferenceDataset(tok, data=rows, progress=False)

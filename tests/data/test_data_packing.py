@@ -342,3 +342,12 @@ def test_packed_dataset_splits_oversize_groups():
     assert ds.stats.split_groups == 1 and ds.stats.repeated_responses >= 1
     total = sum(ds[i].num_comparisons for i in range(len(ds)))
     assert total == sum(g.num_comparisons for g in groups)
+
+
+def test_token_budget_per_step():
+    groups = make_groups(100)
+    ds = PackedPreferenceDataset(groups, 64, tokens_per_step=200, seed=0)
+    assert ds.rows_per_step == 3
+    assert all(ds[i].num_tokens <= 192 for i in range(len(ds)))
+    with pytest.raises(ValueError, match="tokens_per_step"):
+        PackedPreferenceDataset(groups, 64, tokens_per_step=10)
