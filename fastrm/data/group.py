@@ -304,3 +304,26 @@ def split_group(
             source_index=group.source_index, labels=labels, prompt_text=group.prompt_text,
             category=group.category))
     return out
+
+
+def accuracy_by_category(
+    categories: Sequence[str], chosen_rewards, rejected_rewards,
+) -> dict[str, float]:
+    """RewardBench-style scoring: accuracy (``r_chosen > r_rejected``, ties count as half) per
+    category, plus ``"mean"``, the unweighted mean over categories (each category counts the
+    same however many pairs it has), and ``"overall"``, the plain accuracy over all pairs."""
+    import torch
+
+    rc = torch.as_tensor(chosen_rewards, dtype=torch.float64).flatten()
+    rr = torch.as_tensor(rejected_rewards, dtype=torch.float64).flatten()
+    if not (len(categories) == rc.numel() == rr.numel()):
+        raise ValueError(f"categories ({len(categories)}), chosen_rewards ({rc.numel()}) and "
+                         f"rejected_rewards ({rr.numel()}) must have one entry per comparison")
+    win = (rc > rr).double() + 0.5 * (rc == rr).double()
+    out: dict[str, float] = {}
+    for c in sorted(set(categories)):
+        mask = torch.tensor([x == c for x in categories])
+        out[c] = float(win[mask].mean())
+    out["mean"] = sum(out.values()) / max(1, len(out))
+    out["overall"] = float(win.mean()) if win.numel() else float("nan")
+    return out

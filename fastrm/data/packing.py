@@ -273,7 +273,9 @@ def collate_packed(groups: Sequence[PreferenceGroup], prefix_sharing: bool = Tru
     ``margin`` is ``None`` when no comparison has one; a mix of margins and ``None`` is a
     ValueError. ``group_index [P]`` numbers the groups of this batch; ``prompt_ids [N]`` carries
     each response's dataset prompt id. With unpaired data (groups with ``labels``),
-    ``extras["labels"]`` is ``[N]`` int64 (+1 / -1, 0 for paired responses).
+    ``extras["labels"]`` is ``[N]`` int64 (+1 / -1, 0 for paired responses). When groups have a
+    ``category`` (RewardBench subsets, synthetic categories), ``extras["category"]`` lists it per
+    comparison (for :func:`fastrm.data.group.accuracy_by_category`).
     """
     tokens: list[int] = []
     positions: list[int] = []
@@ -352,6 +354,8 @@ def collate_packed(groups: Sequence[PreferenceGroup], prefix_sharing: bool = Tru
     )
     if any_labels:
         batch.extras["labels"] = torch.tensor(labels, dtype=torch.int64)
+    if any(g.category for g in groups):  # evaluation sets: per-comparison category names
+        batch.extras["category"] = [groups[gi].category for gi in group_idx]
     return batch
 
 

@@ -118,3 +118,15 @@ def test_grouped_batch_equals_expanded_pairs(tok):
             for c, r, m in zip(pb.chosen_index, pb.rejected_index, pb.margin)]
     assert got == want
     assert gb.num_tokens < pb.num_tokens  # each response computed once
+
+
+def test_accuracy_by_category_and_batch_categories(tok, fixtures):
+    from fastrm.data import accuracy_by_category
+    cats = ["a", "a", "a", "b"]
+    acc = accuracy_by_category(cats, [1.0, 0.0, 2.0, 5.0], [0.0, 1.0, 2.0, 1.0])
+    assert acc == {"a": pytest.approx(1.5 / 3), "b": 1.0, "mean": pytest.approx((0.5 + 1) / 2),
+                   "overall": pytest.approx(2.5 / 4)}
+    ds = datasets.rewardbench_dataset(tok, source="json", split="train",
+                                      data_files=str(fixtures / "rewardbench.jsonl"), progress=False)
+    b = collate_packed(list(ds))
+    assert b.extras["category"] == ["alpacaeval-easy", "refusals-dangerous"]
