@@ -142,16 +142,16 @@ def measure_memory(method, t, d, b, dtype, threads) -> dict:
 
 def markdown_table(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"Fused reward head + loss, fwd+bwd, {meta['device_name']}, {meta['dtype']}, "
+        f"Fused reward head + loss, fwd+bwd, {meta['device_name']}, "
         f"{meta['threads']} threads, torch {meta['torch']} ({meta['date']}).",
         "",
-        "| T | D | B | method | median ms | min ms | max ms | speedup (median) | speedup (min) | peak RSS delta MiB |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| dtype | T | D | B | method | median ms | min ms | max ms | speedup (median) | speedup (min) | peak RSS delta MiB |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mem = f"{r['peak_rss_delta_mib']:.1f}" if r.get("peak_rss_delta_mib") is not None else "-"
         lines.append(
-            f"| {r['T']} | {r['D']} | {r['B']} | {r['method']} | {r['time_ms_median']:.2f} | "
+            f"| {r['dtype']} | {r['T']} | {r['D']} | {r['B']} | {r['method']} | {r['time_ms_median']:.2f} | "
             f"{r['time_ms_min']:.2f} | {r['time_ms_max']:.2f} | {r['speedup_vs_unfused']:.2f}x | "
             f"{r['speedup_vs_unfused_min']:.2f}x | {mem} |")
     lines += ["", "speedup = unfused_eager time / method time (median, and min: the least "
@@ -166,7 +166,8 @@ def main(argv=None) -> None:
     parser.add_argument("--T", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--D", type=int, nargs="+", default=[576, 2048])
     parser.add_argument("--B", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["fp32"],
+                        help="hidden/head dtype(s); several give one table")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=30)
@@ -184,24 +185,23 @@ def main(argv=None) -> None:
     if args.quick:
         args.T, args.D, args.B, args.repeats, args.warmup = [2048], [576], [8], 5, 1
     torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
     methods = ["unfused_eager"] + [f"fused_{b}" for b in available_backends(args.device)
                                    if b != "triton" or args.device == "cuda"]
-    configs = [(t, d, b) for t in args.T for d in args.D for b in args.B]
+    configs = [(dt, t, d, b) for dt in args.dtype for t in args.T for d in args.D for b in args.B]
     rows = []
-    for t, d, b in tqdm(configs, desc="configs"):
-        inputs = make_inputs(t, d, b, dtype, args.device)
+    for dt, t, d, b in tqdm(configs, desc="configs"):
+        inputs = make_inputs(t, d, b, DTYPES[dt], args.device)
         # the fused result must equal the unfused one before its time means anything
         losses = {}
         for method in methods:
             _clear_grads(inputs[0], inputs[1])
             losses[method] = step_fn(method, *inputs)().float().cpu()
         for method, loss in losses.items():
-            torch.testing.assert_close(loss, losses["unfused_eager"], rtol=2e-2 if args.dtype == "bf16" else 1e-4,
+            torch.testing.assert_close(loss, losses["unfused_eager"], rtol=2e-2 if dt == "bf16" else 1e-4,
                                        atol=1e-4, msg=f"{method} loss differs at T={t} D={d} B={b}")
         base = base_min = None
         for method in methods:
-            row = {"T": t, "D": d, "B": b, "method": method, "dtype": args.dtype}
+            row = {"T": t, "D": d, "B": b, "method": method, "dtype": dt}
             row.update(time_method(method, inputs, args.warmup, args.repeats, args.device))
             if base is None:
                 base, base_min = row["time_ms_median"], row["time_ms_min"]
@@ -209,7 +209,7 @@ def main(argv=None) -> None:
             row["speedup_vs_unfused_min"] = base_min / row["time_ms_min"]
             row["peak_rss_delta_mib"] = None
             if not args.no_memory and args.device == "cpu":
-                row.update(measure_memory(method, t, d, b, args.dtype, args.threads))
+                row.update(measure_memory(method, t, d, b, dt, args.threads))
             rows.append(row)
         del inputs
 
@@ -220,7 +220,7 @@ def main(argv=None) -> None:
         "device_name": (torch.cuda.get_device_name() if args.device == "cuda"
                         else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"),
         "threads": args.threads,
-        "dtype": args.dtype,
+        "dtypes": args.dtype,
         "warmup": args.warmup,
         "timing": "time.perf_counter around one forward+backward; min/median/max over repeats",
         "memory": ("peak RSS growth (VmHWM reset via /proc/self/clear_refs, minus VmRSS before) "

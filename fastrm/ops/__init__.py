@@ -6,6 +6,16 @@
   ``kernels/fused_reward_head.cpp``; ``head_loss_torch.py``: plain torch.
 * :func:`available_backends` / :func:`resolve_backend`: which backend runs where
   (``$FASTRM_HEAD_BACKEND`` overrides the automatic choice).
+
+Example (``hidden [T, D]`` from a packed forward, ``batch`` a :class:`fastrm.data.batch.PackedBatch`)::
+
+    from fastrm.ops import fused_reward_head_loss
+
+    loss, rewards = fused_reward_head_loss(
+        hidden, head.weight, head.bias, batch.reward_positions,
+        batch.chosen_index, batch.rejected_index, batch.margin,
+        objective="bradley_terry", centering_coefficient=0.01)
+    loss.backward()   # grad only at the N scored rows of hidden, plus head weight and bias
 """
 
 from fastrm.ops._common import BACKENDS
