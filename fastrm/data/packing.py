@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 

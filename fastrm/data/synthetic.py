@@ -35,7 +35,7 @@ import json
 import math
 import random
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 CATEGORIES = ("arithmetic", "facts", "json_format", "word_limit", "refusal", "helpful")
 

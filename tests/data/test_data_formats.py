@@ -11,7 +11,7 @@ from fastrm import datasets
 from fastrm.data import PreferenceDataset, synthetic_preference_dataset
 from fastrm.data.dataset import tokenize_group
 from fastrm.data.formats import PairTransform
-from fastrm.data.synthetic import CATEGORIES, generate_rows, verify
+from fastrm.data.synthetic import generate_rows, verify
 
 
 def turn(role, content):
@@ -31,7 +31,7 @@ def decoded(tok, g):
             [tok.decode(r, skip_special_tokens=False) for r in g.responses])
 
 
-def check_invariant(tok, ds, raw_conversations=None):
+def check_invariant(tok, ds):
     """prompt_tokens + responses[k] is the whole unshared sequence (what tokenize_messages of
     the full conversation gives); ends with EOS (the reward token)."""
     for g in ds:
