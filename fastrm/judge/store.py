@@ -148,7 +148,13 @@ def jsonl_to_parquet(jsonl_path: PathLike, parquet_path: PathLike) -> int:
     import pyarrow.parquet as pq
 
     rows = list(iter_jsonl(jsonl_path))
-    table = pa.Table.from_pylist(rows)
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+        raise ValueError(
+            f"{jsonl_path}: rows cannot form one Parquet table ({e}); a field holds values of different "
+            "types (e.g. string prompts mixed with message lists): use a .jsonl output"
+        ) from None
     tmp = Path(str(parquet_path) + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, parquet_path)
