@@ -355,3 +355,29 @@ def test_prepare_is_idempotent_and_safe(smollm2_dir, tmp_path, capsys):
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match="dtype"):
         fgguf.convert_gguf_to_hf(gg, tmp_path / "x", dtype="int8")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_transformers_reads_the_same_model(smollm2_dir, tune_model):
+    """The prepared directory is a true HF checkpoint: ``LlamaForCausalLM`` gives the same
+    logits as torchtune, and ``apply_chat_template`` the same ids as HFChatTokenizer.
+    (transformers is not a fastrm dependency: skipped where it is not installed.)"""
+    transformers = pytest.importorskip("transformers")
+    from fastrm.models.tokenizer import smollm2_tokenizer
+    from torchtune.data import Message
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
+    conv = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    ours, _ = smollm2_tokenizer(str(smollm2_dir)).tokenize_messages([Message(**m) for m in conv])
+    theirs = hf_tok.apply_chat_template(conv, tokenize=True)
+    theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+    assert ours == list(theirs)[:-1]  # ours stops on <|im_end|>, the template adds "\n"
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_dir), torch_dtype=torch.float32).eval()
+    ids = torch.tensor([ours])
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+        got = tune_model(ids)[0]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-3)
+    print(f"max |torchtune - transformers| logits: {(got - ref).abs().max():.2e}")
