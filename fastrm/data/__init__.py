@@ -28,6 +28,10 @@ from fastrm.data.dataset import (
     unpaired_preference_dataset,
 )
 from fastrm.data.tokenizer import ByteChatTokenizer
+from fastrm.data.cross_prompt import (
+    CallableEmbedder, HashedNgramEmbedder, SentenceEmbedder, SimilarityOrder,
+    SimilarPromptBatchSampler, embed_groups,
+)
 
 __all__ = [
     "PackedBatch", "plain_segment_layout", "PreferenceGroup", "GroupingStats", "accuracy_by_category",
@@ -36,5 +40,7 @@ __all__ = [
     "collate_packed", "collate_padded", "fill_rate", "pack_groups", "plan_rows",
     "plan_rows_arrays", "PreferenceDataset", "hh_rlhf_dataset", "preference_dataset",
     "qa_feedback_dataset", "rewardbench_dataset", "shp_dataset", "synthetic_preference_dataset",
-    "ultrafeedback_dataset", "unpaired_preference_dataset", "ByteChatTokenizer",
+    "ultrafeedback_dataset", "unpaired_preference_dataset", "ByteChatTokenizer", "CallableEmbedder",
+    "HashedNgramEmbedder", "SentenceEmbedder", "SimilarityOrder", "SimilarPromptBatchSampler",
+    "embed_groups",
 ]

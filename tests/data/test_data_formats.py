@@ -264,3 +264,27 @@ def test_margin_on_some_rows_only_is_an_error(tok):
             {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2.0}]
     with pytest.raises(ValueError, match="first: row 1"):
         PreferenceDataset(tok, data=rows, progress=False)
+
+
+def test_yaml_component_instantiation(tok, fixtures):
+    """The recipe path: ``dataset: {_component_: fastrm.datasets.<builder>, ...}``."""
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    cfg = OmegaConf.create(f"""
+    dataset:
+      _component_: fastrm.datasets.preference_dataset
+      source: csv
+      data_files: {fixtures / 'trl_explicit.csv'}
+      max_seq_len: 256
+      progress: false
+    synthetic:
+      _component_: fastrm.datasets.synthetic_preference_dataset
+      num_prompts: 60
+      split: validation
+      progress: false
+    """)
+    ds = config.instantiate(cfg.dataset, tok)
+    assert len(ds) == 2 and ds[0].comparisons[0][2] == 0.5
+    syn = config.instantiate(cfg.synthetic, tok)
+    assert len(syn) > 0 and all(g.comparisons[0][2] > 0 for g in syn)

@@ -351,3 +351,12 @@ def test_token_budget_per_step():
     assert all(ds[i].num_tokens <= 192 for i in range(len(ds)))
     with pytest.raises(ValueError, match="tokens_per_step"):
         PackedPreferenceDataset(groups, 64, tokens_per_step=10)
+
+
+def test_packed_dataloader_with_worker():
+    groups = make_groups(60)
+    ds = PackedPreferenceDataset(groups, 96, rows_per_step=2, seed=3)
+    got = list(ds.dataloader(num_workers=1))
+    assert len(got) == len(ds)
+    for k, b in enumerate(got):
+        assert torch.equal(b.tokens, ds[k].tokens) and torch.equal(b.cu_seqlens, ds[k].cu_seqlens)
