@@ -19,7 +19,7 @@ fraction of the step's FLOPs spent on padding (analytic count: linear layers + c
 + head, forward + backward = 3x forward). Both modes are checked to give the same loss.
 
 Run:  python benchmarks/bench_packed_model.py [--models small,medium] [--pairs 8] [--repeats 5]
-Writes benchmarks/results/packed_model_cpu.json.
+Writes benchmarks/results/packed_model_cpu.json and .png.
 """
 
 from __future__ import annotations
@@ -158,6 +158,96 @@ def worker(args) -> dict:
     }
 
 
+def attention_micro(args) -> dict:
+    """Attention alone (fwd + bwd) on one packed row: fastrm's grouped per-segment SDPA vs a
+    block-diagonal ``[T, T]`` mask over the whole row vs one SDPA call per segment."""
+    import torch.nn.functional as F
+
+    from fastrm.attention import VarlenMetadata, varlen_attention
+
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    lens, t = [], 0
+    while t < args.attn_tokens:
+        n = int(np.clip(round(rng.lognormal(np.log(args.median), args.sigma)), 1, args.max_len))
+        n = min(n, args.attn_tokens - t)
+        lens.append(n)
+        t += n
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens), 0)
+    h, hk, d = 8, 2, 64
+    q = torch.randn(t, h, d, requires_grad=True)
+    k = torch.randn(t, hk, d, requires_grad=True)
+    v = torch.randn(t, hk, d, requires_grad=True)
+    go = torch.randn(t, h, d)
+
+    def grouped():
+        meta = VarlenMetadata.build(cu)  # per step, as in the model (plan built once, reused)
+        return varlen_attention(q, k, v, metadata=meta, backend="sdpa_segments")
+
+    def block_diagonal():
+        mask = VarlenMetadata.build(cu).dense_mask()
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+    def per_segment_loop():
+        outs = []
+        c = cu.tolist()
+        for a, b in zip(c, c[1:]):
+            outs.append(F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                is_causal=True, enable_gqa=True).transpose(0, 1))
+        return torch.cat(outs)
+
+    res = {"tokens": t, "segments": len(lens), "distinct_lengths": len(set(lens)),
+           "heads": h, "kv_heads": hk, "head_dim": d, "methods": {}}
+    ref = None
+    for name, fn in (("sdpa_segments (fastrm)", grouped), ("block-diagonal [T,T] mask", block_diagonal),
+                     ("SDPA per segment, python loop", per_segment_loop)):
+        times = []
+        for i in range(args.warmup + args.repeats):
+            q.grad = k.grad = v.grad = None
+            t0 = time.perf_counter()
+            out = fn()
+            out.backward(go)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        if ref is None:
+            ref = out.detach()
+        res["methods"][name] = {
+            "min": min(times), "median": statistics.median(times), "max": max(times),
+            "max_abs_diff_vs_fastrm": float((out.detach() - ref).abs().max()),
+        }
+    return res
+
+
+def plot(result: dict, path: Path) -> None:
+    """Bar charts: real tokens/s and peak step memory, packed vs padded, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["model_configs"])
+    runs = {(r["model"], r["mode"]): r for r in result["runs"]}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    x = np.arange(len(models))
+    for ax, key, title in ((axes[0], "real_tokens_per_s", "real tokens / s (median step)"),
+                           (axes[1], "peak_step_memory_mib", "peak step memory (MiB)")):
+        for j, mode in enumerate(("packed", "padded")):
+            vals = [runs[(m, mode)][key] for m in models]
+            ax.bar(x + (j - 0.5) * 0.38, vals, 0.38, label=mode)
+        ax.set_xticks(x, models)
+        ax.set_title(title, fontsize=10)
+    axes[0].legend()
+    fig.suptitle(f"{result['settings']['pairs']} pairs, long-tailed lengths, CPU fwd+bwd", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="small,medium")
@@ -170,13 +260,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (1: stable timings on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attn-tokens", type=int, default=4096,
+                   help="row length of the attention-only micro benchmark (0: skip it)")
     p.add_argument("--out", default=str(RESULTS / "packed_model_cpu.json"))
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from --out")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.replot:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
         return
 
     from tqdm import tqdm
@@ -214,6 +310,16 @@ def main() -> None:
         lines.append(f"{m}: packed is {summary[m]['speedup_median']:.2f}x faster (median), "
                      f"{summary[m]['memory_ratio']:.2f}x less step memory; "
                      f"|loss_packed - loss_padded| = {summary[m]['loss_abs_diff']:.2e}")
+    attn = None
+    if args.attn_tokens:
+        attn = attention_micro(args)
+        lines.append("")
+        lines.append(f"attention only, fwd+bwd, one row of T={attn['tokens']} tokens, "
+                     f"{attn['segments']} segments ({attn['distinct_lengths']} distinct lengths), "
+                     f"H={attn['heads']}, H_kv={attn['kv_heads']}, D={attn['head_dim']}:")
+        for name, r in attn["methods"].items():
+            lines.append(f"  {name:32} min {r['min']:.3f}s  median {r['median']:.3f}s  "
+                         f"max {r['max']:.3f}s  (max |diff| {r['max_abs_diff_vs_fastrm']:.1e})")
     table = "\n".join(lines)
     print(table)
     result = {
@@ -230,11 +336,13 @@ def main() -> None:
                         "note": "CPU shared with other processes; times are indicative"},
         "runs": runs,
         "summary": summary,
+        "attention_micro": attn,
         "table": table,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"saved {args.out}")
+    plot(result, Path(args.out).with_suffix(".png"))
+    print(f"saved {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 if __name__ == "__main__":
