@@ -25,7 +25,6 @@ the other with no template and the sequence ends on ``eos_id``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
