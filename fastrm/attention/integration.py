@@ -63,20 +63,38 @@ class VarlenAttentionCall:
                 f"packed attention takes one flat row [1, T]; got a batch of {q.shape[0]} rows "
                 "(concatenate packed rows: attention never crosses segments)"
             )
-        group = self.num_heads // self.num_kv_heads
-        if group > 1 and k.shape[1] == self.num_heads:
-            # torchtune expanded k/v to every query head (heads ordered kv0 x group, kv1 x group,
-            # ...); one head per group is the original: kernels with native GQA read H_kv heads.
-            k = k[:, ::group]
-            v = v[:, ::group]
-        out = varlen_attention(
-            q[0].transpose(0, 1),
-            k[0].transpose(0, 1),
-            v[0].transpose(0, 1),
-            metadata=mask,
-            dropout_p=dropout_p,
-        )
-        return out.transpose(0, 1).unsqueeze(0)
+        return _packed_attention(q, k, v, mask, dropout_p, self.num_heads // self.num_kv_heads,
+                                 self.num_heads)
+
+
+# Under torch.compile (torchtune's compile_model compiles each layer) the packed attention runs
+# eagerly: its per-step plan (segment groups, Python ints) would otherwise force a recompile for
+# every new batch layout. The projections, RoPE and MLP around it still compile.
+@torch.compiler.disable
+def _packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: VarlenMetadata,
+    dropout_p: float,
+    group: int,
+    num_heads: int,
+) -> torch.Tensor:
+    """``q [1, H, T, D]``, ``k, v [1, H or H_kv, T, D]`` -> ``[1, H, T, D]`` via
+    :func:`varlen_attention` in flash layout ``[T, H, D]``."""
+    if group > 1 and k.shape[1] == num_heads:
+        # torchtune expanded k/v to every query head (heads ordered kv0 x group, kv1 x group,
+        # ...); one head per group is the original: kernels with native GQA read H_kv heads.
+        k = k[:, ::group]
+        v = v[:, ::group]
+    out = varlen_attention(
+        q[0].transpose(0, 1),
+        k[0].transpose(0, 1),
+        v[0].transpose(0, 1),
+        metadata=mask,
+        dropout_p=dropout_p,
+    )
+    return out.transpose(0, 1).unsqueeze(0)
 
 
 def enable_varlen_attention(module: nn.Module) -> int:

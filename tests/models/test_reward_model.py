@@ -327,3 +327,27 @@ def test_gemma2_is_refused_clearly():
                  embed_dim=32, intermediate_dim=48, max_seq_len=32)
     with pytest.raises(NotImplementedError, match="Gemma 2"):
         RewardModel(dec)
+
+
+@pytest.mark.slow
+def test_compiled_layers_do_not_recompile_per_layout():
+    """torchtune compiles each layer; packed attention runs eagerly inside (compiler.disable),
+    so new batch layouts cost no recompiles once shapes are dynamic, and outputs are unchanged."""
+    import torch._dynamo.testing
+
+    model = _model()
+    layouts = ([3, 5, 9], [4, 4, 1, 7], [2, 30], [1, 1, 1, 12, 6])
+    gen = torch.Generator().manual_seed(14)
+    batches = [pack_sequences([random_tokens(n, VOCAB, gen) for n in lens]) for lens in layouts]
+    with torch.no_grad():
+        eager = [model(b) for b in batches]
+    counter = torch._dynamo.testing.CompileCounter()
+    for layer in model.decoder.layers:
+        layer.compile(backend=counter)
+    frames = []
+    for b, ref in zip(batches, eager):
+        h = model(b)
+        h.sum().backward()
+        torch.testing.assert_close(h.detach(), ref, rtol=1e-6, atol=1e-6)
+        frames.append(counter.frame_count)
+    assert frames[2] == frames[3] == frames[1]  # after the dynamic-shape recompile: none
