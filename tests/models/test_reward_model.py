@@ -44,6 +44,10 @@ def _tiny(family: str, max_seq_len: int = MAX_LEN):
 
         return gemma(vocab_size=VOCAB, num_layers=2, num_heads=4, head_dim=24, num_kv_heads=2,
                      embed_dim=64, intermediate_dim=96, max_seq_len=max_seq_len)
+    if family == "smollm2":
+        smollm2 = pytest.importorskip("fastrm.models.smollm2").smollm2
+        return smollm2(vocab_size=VOCAB, num_layers=2, num_heads=3, num_kv_heads=1, embed_dim=48,
+                       intermediate_dim=96, max_seq_len=max_seq_len)
     raise ValueError(family)
 
 
@@ -75,7 +79,7 @@ def _mixed_lengths(rng: random.Random, full: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # packed == unpacked
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama3", "llama3_2", "qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("family", ["llama3", "llama3_2", "qwen2", "mistral", "gemma", "smollm2"])
 def test_packed_forward_and_grads_match_unpacked(family):
     model = _model(family)
     gen = torch.Generator().manual_seed(1)
