@@ -59,6 +59,17 @@ class Case:
     contrast: Optional[torch.Tensor] = None
 
 
+def backend_device(backend: str) -> torch.device:
+    """Triton runs on the GPU where there is one (the interpreter is on only without CUDA)."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
+def on_device(case: Case, backend: str) -> Case:
+    dev = backend_device(backend)
+    return Case(**{k: (v.to(dev) if isinstance(v, torch.Tensor) else v)
+                   for k, v in case.__dict__.items()})
+
+
 def _gen(*key) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
@@ -110,6 +121,8 @@ def reference(case: Case, **opts):
 
 
 def run(case: Case, backend: str, grad_scale: float = 1.0, **opts):
+    """Fused op on ``backend``'s device; returns CPU ``(loss, rewards, grad_h, grad_w, grad_b)``."""
+    case = on_device(case, backend)
     h = case.hidden.detach().clone().requires_grad_(True)
     w = case.weight.detach().clone().requires_grad_(True)
     b = None if case.bias is None else case.bias.detach().clone().requires_grad_(True)
@@ -120,7 +133,8 @@ def run(case: Case, backend: str, grad_scale: float = 1.0, **opts):
     poison = torch.full_like(h, float("nan"))
     del poison
     (loss * grad_scale).backward()
-    return loss, rewards, h.grad, w.grad, None if b is None else b.grad
+    out = (loss, rewards, h.grad, w.grad, None if b is None else b.grad)
+    return tuple(None if x is None else x.cpu() for x in out)
 
 
 def check(case: Case, backend: str, grad_scale: float = 1.0, **opts):
@@ -267,15 +281,16 @@ def test_deterministic_and_independent_of_thread_count(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_frozen_hidden_trains_only_the_head(backend):
     """hidden without grad (frozen backbone): weight and bias still get exact gradients."""
-    case = make_case(20, 67, 6, 3, torch.float32, "frozen", margin=True)
+    ref_case = make_case(20, 67, 6, 3, torch.float32, "frozen", margin=True)
+    case = on_device(ref_case, backend)
     w = case.weight.clone().requires_grad_(True)
     b = case.bias.clone().requires_grad_(True)
     loss, _ = fused_reward_head_loss(case.hidden, w, b, case.positions, case.chosen, case.rejected,
                                      case.margin, backend=backend)
     loss.backward()
-    _, _, _, r_gw, r_gb = reference(case)
-    torch.testing.assert_close(w.grad.double(), r_gw, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(b.grad.double(), r_gb, rtol=1e-4, atol=1e-6)
+    _, _, _, r_gw, r_gb = reference(ref_case)
+    torch.testing.assert_close(w.grad.double().cpu(), r_gw, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b.grad.double().cpu(), r_gb, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -333,7 +348,7 @@ def test_fp32_accumulation_under_bf16_autocast(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_double_backward_is_refused(backend):
     """The backward is once-differentiable: a second derivative fails loudly, never silently."""
-    case = make_case(12, 67, 4, 2, torch.float32, "dbl")
+    case = on_device(make_case(12, 67, 4, 2, torch.float32, "dbl"), backend)
     h = case.hidden.clone().requires_grad_(True)
     loss, _ = fused_reward_head_loss(h, case.weight, case.bias, case.positions, case.chosen,
                                      case.rejected, backend=backend)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from fastrm import functional as RF
 from fastrm.ops import fused_reward_head_loss
-from test_fused_reward_head import ALL_BACKENDS, Case, reference
+from test_fused_reward_head import ALL_BACKENDS, Case, on_device, reference
 
 
 @st.composite
@@ -51,7 +51,8 @@ def cases(draw):
     return Case(hidden, weight, bias, positions, chosen, rejected, margin, cweight, w), opts
 
 
-def _check(case: Case, opts: dict, backend: str) -> None:
+def _check(ref_case: Case, opts: dict, backend: str) -> None:
+    case = on_device(ref_case, backend)
     h = case.hidden.clone().requires_grad_(True)
     w = case.weight.clone().requires_grad_(True)
     b = None if case.bias is None else case.bias.clone().requires_grad_(True)
@@ -59,13 +60,13 @@ def _check(case: Case, opts: dict, backend: str) -> None:
                                            case.margin, case.cweight, contrast_weights=case.contrast,
                                            backend=backend, **opts)
     loss.backward()
-    r_loss, r_rewards, r_gh, r_gw, r_gb = reference(case, **opts)
-    torch.testing.assert_close(loss.double(), r_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rewards.double(), r_rewards, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.grad.double(), r_gh, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(w.grad.double(), r_gw, rtol=1e-4, atol=1e-5)
+    r_loss, r_rewards, r_gh, r_gw, r_gb = reference(ref_case, **opts)
+    torch.testing.assert_close(loss.double().cpu(), r_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rewards.double().cpu(), r_rewards, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double().cpu(), r_gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double().cpu(), r_gw, rtol=1e-4, atol=1e-5)
     if b is not None:
-        torch.testing.assert_close(b.grad.double(), r_gb, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.grad.double().cpu(), r_gb, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
