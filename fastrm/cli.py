@@ -95,11 +95,11 @@ def _cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def _cmd_prepare(args: argparse.Namespace, _: Sequence[str]) -> int:
     if args.model != "smollm2":
         raise SystemExit(f"fastrm prepare: unknown model {args.model!r}; known: smollm2")
-    from fastrm.models.smollm2 import prepare_smollm2
+    from fastrm.models.smollm2 import main as prepare_main
 
-    out = prepare_smollm2(output_dir=args.output_dir, force=args.force)
-    print(out)
-    return 0
+    argv = (["--output-dir", args.output_dir] if args.output_dir else []) + (
+        ["--force"] if args.force else [])
+    return prepare_main(argv)
 
 
 def _delegate(module: str, func: str):

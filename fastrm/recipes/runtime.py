@@ -7,6 +7,7 @@ own recipes (``setup`` / ``train`` / ``cleanup``) and these helpers can be teste
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -325,10 +326,10 @@ def evaluate(step_module: nn.Module, loss_fn: RewardLoss, data, device: torch.de
     mean/std, and ``category/<name>`` accuracies when the data has categories."""
     totals = torch.zeros(6, dtype=torch.float64)
     categories: dict[str, list[float]] = {}
-    steps = data.eval_steps()
-    if max_steps is not None:
-        steps = steps[: int(max_steps)]
-    for batch, real, cats in tqdm(steps, disable=not show_progress, desc="eval", leave=False):
+    total = data.num_eval_steps() if max_steps is None else min(int(max_steps), data.num_eval_steps())
+    steps = itertools.islice(data.eval_steps(), total)
+    for batch, real, cats in tqdm(steps, total=total, disable=not show_progress, desc="eval",
+                                  leave=False):
         batch = batch.to(device)
         loss, rewards = step_module(batch)
         if not real:
@@ -412,21 +413,21 @@ class StepData:
         self.packed.set_epoch(epoch, start_step=skip)
         return iter(self.packed.dataloader())
 
-    def eval_steps(self) -> list[tuple[PackedBatch, bool, list[Optional[str]]]]:
-        """``(batch, counts, categories)`` per evaluation step of this rank; ``categories`` gives
-        each comparison's group category (``None`` where the data has none)."""
+    def num_eval_steps(self) -> int:
+        return -(-len(self.packed) // self.world_size)
+
+    def eval_steps(self) -> Iterator[tuple[PackedBatch, bool, list[Optional[str]]]]:
+        """``(batch, counts, categories)`` per evaluation step of this rank, lazily;
+        ``categories`` gives each comparison's group category (``None`` where there is none)."""
         self.packed.set_epoch(0)
         n = len(self.packed)
-        rounds = -(-n // self.world_size)
-        out = []
-        for i in range(rounds):
+        for i in range(self.num_eval_steps()):
             j = i * self.world_size + self.rank
             real = j < n
-            j = j if real else 0
-            # collate_packed lays comparisons out group by group, in each group's order
-            cats = [g.category or None for g in self.packed.step_groups(j) for _ in g.comparisons]
-            out.append((self.packed[j], real, cats))
-        return out
+            batch = self.packed[j if real else 0]
+            # collate_packed lists each comparison's group category ("" / absent: none)
+            cats = batch.extras.get("category") or [None] * batch.num_comparisons
+            yield batch, real, [c or None for c in cats]
 
 
 def build_step_data(cfg: DictConfig, ds_cfg: DictConfig, tokenizer, world_size: int, rank: int,
