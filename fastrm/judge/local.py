@@ -9,7 +9,8 @@ pipeline needs and torchtune's loop does not have:
 
 * an explicit padding mask (torchtune infers padding from ``pad_id``, which breaks when the pad
   id is also a real token, as in SmolLM2 where ``pad == eos``);
-* top-p next to temperature and top-k, and a per-row random generator seeded from each
+* top-p next to temperature and top-k, stop strings (the text ends before the first one, as
+  OpenAI-compatible servers do), and a per-row random generator seeded from each
   request's seed, so one response does not depend on which other rows shared its batch (up to
   floating-point batch effects), and a resumed run samples the same rows as an uninterrupted one;
 * per-token log-probabilities of the chosen tokens and the ``top_logprobs`` alternatives, under
@@ -288,6 +289,7 @@ class LocalBackend:
         gen_ids: List[List[int]] = [[] for _ in range(B)]
         lps: List[List[TokenLogprob]] = [[] for _ in range(B)]
         finish = [FINISH_LENGTH] * B
+        stopped_by_string = [False] * B
         want_lp = params.logprobs or params.top_logprobs > 0
         self._ensure_no_caches()
         with local_kv_cache(self.model, batch_size=B, device=self.device, dtype=self.dtype, decoder_max_seq_len=total):
@@ -312,6 +314,11 @@ class LocalBackend:
                                 top.setdefault(self._text(i), v)
                         lps[b].append(TokenLogprob(self._text(t), float(logp[b, t]), top))
                 is_stop = torch.isin(nxt, stop) if stop.numel() else torch.zeros_like(done)
+                if params.stop:  # stop strings: checked on the decoded text of each live row
+                    for b in range(B):
+                        if not done[b] and not is_stop[b] and any(x in self.tokenizer.decode(gen_ids[b]) for x in params.stop):
+                            is_stop[b] = True
+                            stopped_by_string[b] = True
                 for b in torch.nonzero(is_stop & ~done).flatten().tolist():
                     finish[b] = FINISH_STOP
                 done |= is_stop
@@ -325,9 +332,12 @@ class LocalBackend:
         out = []
         for b in range(B):
             ids = gen_ids[b]
-            text_ids = ids[:-1] if finish[b] == FINISH_STOP else ids
+            text_ids = ids[:-1] if finish[b] == FINISH_STOP and not stopped_by_string[b] else ids
+            text = self.tokenizer.decode(text_ids)
+            if stopped_by_string[b]:  # OpenAI semantics: the text ends before the stop string
+                text = text[: min(text.find(x) for x in params.stop if x in text)]
             out.append(Completion(
-                text=self.tokenizer.decode(text_ids),
+                text=text,
                 finish_reason=finish[b],
                 num_tokens=len(ids),
                 logprobs=lps[b] if want_lp else None,

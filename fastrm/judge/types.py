@@ -39,8 +39,8 @@ class SamplingParams:
         logprobs (bool): return the log-probability of each generated token.
         top_logprobs (int): also return the ``top_logprobs`` most likely alternatives at each
             position (``0``: none).
-        stop (Sequence[str]): extra stop strings (HTTP backends; the local backend stops on the
-            tokenizer's stop tokens).
+        stop (Sequence[str]): stop strings; the response ends before the first one (both
+            backends also stop on the model's end-of-turn token).
     """
 
     temperature: float = 1.0

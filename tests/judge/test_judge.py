@@ -300,3 +300,34 @@ def test_load_pairs_ids():
     assert ps[1]["pair_id"] == "7" and ps[0]["pair_id"] != ps[1]["pair_id"] and ps[0]["response_b"] == "y"
     with pytest.raises(ValueError, match="duplicate"):
         load_pairs(rows + rows)
+
+
+FACT_PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris.", "The capital of France is Berlin."),
+    ("How many legs does a spider have?", "A spider has eight legs.", "A spider has three legs."),
+    ("What colour is the sky on a clear day?", "On a clear day the sky is blue.", "On a clear day the sky is green."),
+    ("What is 10 times 10?", "10 times 10 is 100.", "10 times 10 is 7."),
+    ("Which planet do we live on?", "We live on Earth.", "We live on the Sun."),
+    ("What do bees make?", "Bees make honey.", "Bees make steel."),
+]
+
+
+@pytest.mark.slow
+def test_smollm2_judges_position_bias_and_mean_logprob(smollm2_backend):
+    """The real 135M judge: "A or B" shows position bias (contradictions, dropped and counted);
+    the mean-logprob judge is order-independent and prefers the correct fact."""
+    pairs = [{"pair_id": str(i), "prompt": q, "response_a": good, "response_b": bad} for i, (q, good, bad) in enumerate(FACT_PAIRS)]
+    pj = PairwiseJudge(smollm2_backend, max_new_tokens=4)
+    js = pj.judge(pairs)
+    st = pj.stats.as_dict()
+    read = [j for j in js if j.status != STATUS_FAILED]
+    assert read and all(j.source in ("logprobs", "parsed", "mixed") for j in read)
+    assert st["contradictions"] == sum(j.logit_order1 * j.logit_order2 <= 0 and not (j.logit_order1 == j.logit_order2 == 0) for j in read)
+    assert st["first_win_rate"] >= 0.75  # the small judge mostly answers "A", whatever is shown first
+    assert st["position_bias_logit"] > 0
+
+    mj = MeanLogprobJudge(smollm2_backend)
+    mjs = mj.judge(pairs)
+    assert all(j.status == STATUS_OK for j in mjs) and mj.stats.contradictions == 0
+    assert sum(j.logit > 0 for j in mjs) >= 5  # the true statement is the likelier one
+    assert mjs[0].logit > 0  # Paris over Berlin

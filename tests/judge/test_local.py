@@ -97,7 +97,7 @@ def test_stop_and_length_and_errors(tiny_model, tokenizer):
     be = LocalBackend(tiny_model, tokenizer, max_seq_len=64)
     forced = {"id": tokenizer.im_end_id}
     # force the next token: a hook on the LM head adds a large logit to one id
-    h = tiny_model.output.register_forward_hook(lambda mod, inp, out: out.index_add(
+    h = tiny_model.output.register_forward_hook(lambda mod, inp, out: out if forced["id"] is None else out.index_add(
         -1, torch.tensor([forced["id"]]), torch.full((*out.shape[:-1], 1), 1e4, dtype=out.dtype)))
     try:
         p = SamplingParams(temperature=1.0, max_new_tokens=5)
@@ -107,6 +107,10 @@ def test_stop_and_length_and_errors(tiny_model, tokenizer):
         forced["id"] = tokenizer.encode("z")[0]
         out = be.generate([GenerationRequest(_msgs("hello"), p, seed=1)])
         assert (out[0].finish_reason, out[0].num_tokens, out[0].text) == (FINISH_LENGTH, 5, "zzzzz")
+        # a stop string ends the response before it
+        out = be.generate([GenerationRequest(_msgs("hello"), SamplingParams(temperature=0.0, max_new_tokens=9, stop=["zzz"]))])
+        assert (out[0].finish_reason, out[0].num_tokens, out[0].text) == (FINISH_STOP, 3, "")
+        forced["id"] = None
     finally:
         h.remove()
 
