@@ -300,6 +300,9 @@ class PairwiseJudge:
             raise ValueError("n_votes > 1 needs temperature > 0 (greedy votes are all identical)")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        from fastrm.judge.local import _maybe_instantiate
+
+        backend = _maybe_instantiate(backend)  # a nested config node (PreferenceTransform in a dataset config)
         self.backend = backend
         self.name = name or getattr(backend, "name", "judge")
         self.template = template
@@ -425,6 +428,9 @@ class MeanLogprobJudge:
         scale: float = 1.0,
         length_normalize: bool = True,
     ) -> None:
+        from fastrm.judge.local import _maybe_instantiate
+
+        backend = _maybe_instantiate(backend)
         if not callable(getattr(backend, "score", None)):
             raise ValueError(
                 f"MeanLogprobJudge needs a backend with score() (a LocalBackend); {type(backend).__name__} "

@@ -331,3 +331,25 @@ def test_smollm2_judges_position_bias_and_mean_logprob(smollm2_backend):
     assert all(j.status == STATUS_OK for j in mjs) and mj.stats.contradictions == 0
     assert sum(j.logit > 0 for j in mjs) >= 5  # the true statement is the likelier one
     assert mjs[0].logit > 0  # Paris over Berlin
+
+
+def test_preference_transform_from_nested_config():
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    cfg = OmegaConf.create({
+        "_component_": "fastrm.judge.transform.PreferenceTransform",
+        "beta": 2.0,
+        "judge": {
+            "_component_": "fastrm.judge.judge.MeanLogprobJudge",
+            "scale": 0.01,
+            "backend": {
+                "_component_": "fastrm.judge.local.LocalBackend",
+                "model": {"_component_": "fastrm.judge.testing.tiny_llama"},
+                "tokenizer": {"_component_": "fastrm.judge.testing.byte_chatml_tokenizer"},
+            },
+        },
+    })
+    t = config.instantiate(cfg)
+    r = t({"prompt": "hi", "response1": "hello", "response2": "bye"})
+    assert r["label_status"] == "ok" and r["margin"] == pytest.approx(abs(r["judge_logit"]) / 2.0)
