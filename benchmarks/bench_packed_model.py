@@ -1,22 +1,27 @@
 """Packed reward-model training step vs the padded batch common trainers use, on CPU.
 
-For the same preference pairs (chosen / rejected lengths drawn from a long-tailed log-normal
-mix) one training step (forward + backward of the Bradley-Terry loss) is timed in two ways:
+For the same preference pairs (prompt, chosen and rejected lengths drawn from long-tailed
+log-normals) one training step (forward + backward of the Bradley-Terry loss) is timed three ways:
 
 ``packed``
-    fastrm: all ``2B`` sequences laid end to end in one row ``[1, T]`` (``T`` = real tokens),
-    per-sequence causal attention (``sdpa_segments``), reward head only at the ``2B`` last
-    tokens.
+    fastrm: all ``2B`` full sequences (prompt + response) laid end to end in one row ``[1, T]``
+    (no padding), per-sequence causal attention (``sdpa_segments``), reward head only at the
+    ``2B`` last tokens.
+``packed_shared``
+    fastrm with prefix sharing: ``[prompt][chosen][rejected]`` per pair, each response attends to
+    its prompt (computed once) plus causally to itself.
 ``padded``
     what TRL-style trainers do: chosen and rejected concatenated into ``[2B, L_max]``, right
     padded to the longest sequence, causal attention over every row, the ``D -> 1`` head over
     every token ``[2B, L_max, 1]``, then a gather at each sequence's last token.
 
-Reported per model: step time min / median / max over repeats, real tokens/s (real tokens /
-median step time), peak memory of the step (peak RSS of a fresh worker process minus its RSS
-just before the first step), the fraction of processed tokens that are padding, and the
-fraction of the step's FLOPs spent on padding (analytic count: linear layers + causal attention
-+ head, forward + backward = 3x forward). Both modes are checked to give the same loss.
+Reported per model: step time min / median / max over repeats, real tokens/s (tokens of the
+pairs' full sequences / median step time), peak memory of the step (peak RSS of a fresh worker
+process minus its RSS just before the first step), the fraction of computed tokens that are
+padding, the fraction of the step's FLOPs spent on padding and the FLOPs relative to plain
+packing (analytic: linear layers + attention pairs + head, forward + backward = 3x forward).
+All modes are checked to give the same loss. An attention-only micro benchmark compares the
+grouped per-segment SDPA with a block-diagonal ``[T, T]`` mask and a per-segment loop.
 
 Run:  python benchmarks/bench_packed_model.py [--models small,medium] [--pairs 8] [--repeats 5]
 Writes benchmarks/results/packed_model_cpu.json and .png.
@@ -39,6 +44,7 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("packed", "packed_shared", "padded")
 
 MODELS = {
     # name: tiny_llama3 kwargs (torchtune llama3 component builder)
@@ -48,12 +54,21 @@ MODELS = {
 }
 
 
-def sample_lengths(pairs: int, seed: int, median: int, sigma: float, lo: int, hi: int):
-    """Long-tailed log-normal lengths for chosen and rejected, clipped to ``[lo, hi]``."""
+def sample_pairs(pairs: int, seed: int, prompt_median: int, response_median: int, sigma: float,
+                 max_len: int) -> list[tuple[int, int, int]]:
+    """Long-tailed log-normal ``(prompt, chosen, rejected)`` lengths, each >= 4, with
+    ``prompt + max(chosen, rejected) <= max_len`` (responses clipped first, then the prompt)."""
     rng = np.random.default_rng(seed)
-    raw = rng.lognormal(mean=np.log(median), sigma=sigma, size=(2, pairs))
-    lens = np.clip(np.round(raw), lo, hi).astype(int)
-    return lens[0].tolist(), lens[1].tolist()
+    out = []
+    for _ in range(pairs):
+        p, c, r = (int(max(4, round(x))) for x in (
+            rng.lognormal(np.log(prompt_median), sigma),
+            rng.lognormal(np.log(response_median), sigma),
+            rng.lognormal(np.log(response_median), sigma)))
+        c, r = min(c, max_len // 2), min(r, max_len // 2)
+        p = min(p, max_len - max(c, r))
+        out.append((p, c, r))
+    return out
 
 
 def _rss_bytes() -> int:
@@ -61,12 +76,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def analytic_flops(cfg: dict, lengths: list[int], padded_len: int | None, head_all: bool) -> float:
+def analytic_flops(cfg: dict, segments: list[tuple[int, int]], head_tokens: int) -> float:
     """Forward+backward FLOPs (3x forward) of the decoder layers, attention and head.
 
-    Per token and layer: ``2 * (linear params)``; causal attention per sequence of length L:
-    ``2 * 2 * L (L + 1) / 2 * H * head_dim`` (QK^T and PV over the lower triangle). The
-    embedding lookup is free; padded rows have length ``padded_len``.
+    ``segments``: ``(L, P)`` per computed segment (query length, shared-prefix length; padded
+    rows are segments of ``L_max``). Per token and layer ``2 * (linear params)``; attention
+    ``2 * 2 * H * head_dim`` per (query, key) pair, ``L * P + L (L + 1) / 2`` pairs per segment
+    (prefix keys plus the causal triangle). Head: ``2 * D`` per scored token; embedding free.
     """
     d, h, hk = cfg["embed_dim"], cfg["num_heads"], cfg["num_kv_heads"]
     hd = d // h
@@ -75,52 +91,94 @@ def analytic_flops(cfg: dict, lengths: list[int], padded_len: int | None, head_a
         inter = int(8 * d / 3)
         inter = 256 * ((inter + 255) // 256)
     lin = 2 * d * h * hd + 2 * d * hk * hd + 3 * d * inter
-    seqs = [padded_len] * len(lengths) if padded_len is not None else lengths
-    tokens = sum(seqs)
-    per_layer = 2 * lin * tokens + sum(2 * L * (L + 1) * h * hd for L in seqs)
-    head_tokens = tokens if head_all else len(lengths)
-    fwd = cfg["num_layers"] * per_layer + 2 * d * head_tokens
-    return 3.0 * fwd
+    tokens = sum(L for L, _ in segments)
+    pairs = sum(L * P + L * (L + 1) / 2 for L, P in segments)
+    per_layer = 2 * lin * tokens + 4 * h * hd * pairs
+    return 3.0 * (cfg["num_layers"] * per_layer + 2 * d * head_tokens)
 
 
 def worker(args) -> dict:
     """One (model, mode) measurement in a fresh process (so peak RSS is this step's)."""
-    from fastrm.data.batch import PackedBatch, plain_segment_layout
+    from fastrm.data.batch import PackedBatch
     from fastrm.functional import comparison_loss, pair_loss
     from fastrm.models import reward_model, tiny_llama3
 
     torch.set_num_threads(args.threads)
     cfg = dict(MODELS[args.model])
-    lens_c, lens_r = sample_lengths(args.pairs, args.seed, args.median, args.sigma, 8, args.max_len)
+    spec = sample_pairs(args.pairs, args.seed, args.prompt_median, args.response_median,
+                        args.sigma, args.max_len)
     torch.manual_seed(args.seed)
     model = reward_model(tiny_llama3(max_seq_len=args.max_len, **cfg),
                          attention_backend="sdpa_segments")
     model.train()
     gen = torch.Generator().manual_seed(args.seed + 1)
-    seqs = [torch.randint(0, cfg["vocab_size"], (n,), generator=gen) for n in lens_c + lens_r]
+    rand = lambda n: torch.randint(0, cfg["vocab_size"], (n,), generator=gen)  # noqa: E731
+    pairs = [(rand(p), rand(c), rand(r)) for p, c, r in spec]
     b = args.pairs
+    # full (unshared) sequences: chosen_1..chosen_B, rejected_1..rejected_B
+    seqs = [torch.cat([p, c]) for p, c, _ in pairs] + [torch.cat([p, r]) for p, _, r in pairs]
     lengths = [len(s) for s in seqs]
+    seq_tokens = sum(lengths)
     lmax = max(lengths)
 
-    if args.mode == "packed":
-        # pair i: chosen at segment i, rejected at segment B + i
-        cu, prefix, pos = plain_segment_layout(lengths)
+    if args.mode in ("packed", "packed_shared"):
+        toks, pos, segs, prefix, reward_pos = [], [], [], [], []
+        t = 0
+        if args.mode == "packed":
+            # every full sequence its own segment; pair i = segments (i, B + i)
+            for s_ in seqs:
+                toks.append(s_)
+                pos.append(torch.arange(len(s_)))
+                segs.append(len(s_))
+                prefix.append((0, 0))
+                t += len(s_)
+                reward_pos.append(t - 1)
+            chosen, rejected = torch.arange(b), torch.arange(b) + b
+        else:
+            # [prompt][chosen][rejected]: responses attend to the prompt (shared prefix) and
+            # continue its positions; rewards ordered (c_1, r_1, c_2, r_2, ...)
+            for p, c, r in pairs:
+                p_start = t
+                toks.append(p)
+                pos.append(torch.arange(len(p)))
+                segs.append(len(p))
+                prefix.append((0, 0))
+                t += len(p)
+                for resp in (c, r):
+                    toks.append(resp)
+                    pos.append(torch.arange(len(p), len(p) + len(resp)))
+                    segs.append(len(resp))
+                    prefix.append((p_start, p_start + len(p)))
+                    t += len(resp)
+                    reward_pos.append(t - 1)
+            chosen, rejected = torch.arange(0, 2 * b, 2), torch.arange(1, 2 * b, 2)
+        cu = torch.zeros(len(segs) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(segs), 0)
         batch = PackedBatch(
-            tokens=torch.cat(seqs)[None], position_ids=pos[None], cu_seqlens=cu,
-            segment_prefix=prefix, reward_positions=(cu[1:] - 1).long(),
-            chosen_index=torch.arange(b), rejected_index=torch.arange(b) + b,
+            tokens=torch.cat(toks)[None], position_ids=torch.cat(pos)[None], cu_seqlens=cu,
+            segment_prefix=torch.tensor(prefix, dtype=torch.int32),
+            reward_positions=torch.tensor(reward_pos), chosen_index=chosen,
+            rejected_index=rejected,
         )
+        batch.validate()
+        processed = batch.num_tokens
+        pre = batch.segment_prefix
+        flop_segments = list(zip(segs, (pre[:, 1] - pre[:, 0]).tolist()))
+        head_tokens = 2 * b
 
         def step():
-            r = model.rewards(batch)
+            r = model.rewards(batch)                          # head at 2B positions only
             loss = comparison_loss(r, batch.chosen_index, batch.rejected_index)
             loss.backward()
             return loss
     else:
         tokens = torch.zeros(2 * b, lmax, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = s
+        for i, s_ in enumerate(seqs):
+            tokens[i, : len(s_)] = s_
         last = torch.tensor(lengths) - 1
+        processed = 2 * b * lmax
+        flop_segments = [(lmax, 0)] * (2 * b)
+        head_tokens = processed
 
         def step():
             hidden = model.forward_padded(tokens)            # [2B, L, D], causal SDPA
@@ -140,20 +198,20 @@ def worker(args) -> dict:
         if i >= args.warmup:
             times.append(dt)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    real = sum(lengths)
-    processed = real if args.mode == "packed" else 2 * b * lmax
-    flops = analytic_flops(cfg, lengths, None if args.mode == "packed" else lmax,
-                           head_all=args.mode == "padded")
-    flops_real = analytic_flops(cfg, lengths, None, head_all=False)
+    flops = analytic_flops(cfg, flop_segments, head_tokens)
+    flops_plain = analytic_flops(cfg, [(L, 0) for L in lengths], 2 * b)
+    pad = processed - seq_tokens if args.mode == "padded" else 0
     return {
         "model": args.model, "mode": args.mode, "pairs": b, "loss": float(loss),
-        "real_tokens": real, "processed_tokens": processed, "max_len": lmax,
+        "sequence_tokens": seq_tokens, "processed_tokens": processed, "max_len": lmax,
+        "prompt_tokens_saved": seq_tokens - processed if args.mode == "packed_shared" else 0,
         "time_s": {"min": min(times), "median": statistics.median(times), "max": max(times),
                    "all": times},
-        "real_tokens_per_s": real / statistics.median(times),
+        "real_tokens_per_s": seq_tokens / statistics.median(times),
         "peak_step_memory_mib": max(0, peak - rss0) / 2**20,
-        "pad_token_fraction": 1.0 - real / processed,
-        "pad_flop_fraction": 1.0 - flops_real / flops,
+        "pad_token_fraction": pad / processed,
+        "pad_flop_fraction": max(0.0, 1.0 - flops_plain / flops) if args.mode == "padded" else 0.0,
+        "flops_vs_plain_packed": flops / flops_plain,
         "gflops_per_step": flops / 1e9,
     }
 
@@ -169,7 +227,8 @@ def attention_micro(args) -> dict:
     rng = np.random.default_rng(args.seed)
     lens, t = [], 0
     while t < args.attn_tokens:
-        n = int(np.clip(round(rng.lognormal(np.log(args.median), args.sigma)), 1, args.max_len))
+        n = int(np.clip(round(rng.lognormal(np.log(args.prompt_median + args.response_median),
+                                           args.sigma)), 1, args.max_len))
         n = min(n, args.attn_tokens - t)
         lens.append(n)
         t += n
@@ -236,9 +295,9 @@ def plot(result: dict, path: Path) -> None:
     x = np.arange(len(models))
     for ax, key, title in ((axes[0], "real_tokens_per_s", "real tokens / s (median step)"),
                            (axes[1], "peak_step_memory_mib", "peak step memory (MiB)")):
-        for j, mode in enumerate(("packed", "padded")):
+        for j, mode in enumerate(MODES):
             vals = [runs[(m, mode)][key] for m in models]
-            ax.bar(x + (j - 0.5) * 0.38, vals, 0.38, label=mode)
+            ax.bar(x + (j - 1) * 0.27, vals, 0.27, label=mode)
         ax.set_xticks(x, models)
         ax.set_title(title, fontsize=10)
     axes[0].legend()
@@ -254,7 +313,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--median", type=int, default=96, help="median sequence length")
+    p.add_argument("--prompt-median", type=int, default=48, help="median prompt length")
+    p.add_argument("--response-median", type=int, default=48, help="median response length")
     p.add_argument("--sigma", type=float, default=0.9, help="log-normal sigma (tail weight)")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1,
@@ -278,38 +338,49 @@ def main() -> None:
     from tqdm import tqdm
 
     runs = []
-    jobs = [(m, mode) for m in args.models.split(",") for mode in ("packed", "padded")]
+    jobs = [(m, mode) for m in args.models.split(",") for mode in MODES]
     for m, mode in tqdm(jobs, desc="bench_packed_model"):
         cmd = [sys.executable, __file__, "--worker", "--model", m, "--mode", mode]
-        for k in ("pairs", "repeats", "warmup", "median", "sigma", "max_len", "threads", "seed"):
+        for k in ("pairs", "repeats", "warmup", "prompt_median", "response_median", "sigma",
+                  "max_len", "threads", "seed"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    header = (f"{'model':8} {'mode':7} {'real tok':>8} {'proc tok':>8} {'t min':>7} {'t med':>7} "
-              f"{'t max':>7} {'real tok/s':>10} {'peak MiB':>8} {'pad tok':>7} {'pad FLOP':>8} "
-              f"{'loss':>8}")
+    header = (f"{'model':7} {'mode':13} {'seq tok':>7} {'computed':>8} {'t min':>7} "
+              f"{'t med':>7} {'t max':>7} {'real tok/s':>10} {'peak MiB':>8} {'pad tok':>7} "
+              f"{'pad FLOP':>8} {'FLOP/plain':>10} {'loss':>8}")
     lines = [header, "-" * len(header)]
     for r in runs:
         t = r["time_s"]
         lines.append(
-            f"{r['model']:8} {r['mode']:7} {r['real_tokens']:8d} {r['processed_tokens']:8d} "
+            f"{r['model']:7} {r['mode']:13} {r['sequence_tokens']:7d} {r['processed_tokens']:8d} "
             f"{t['min']:7.3f} {t['median']:7.3f} {t['max']:7.3f} {r['real_tokens_per_s']:10.0f} "
             f"{r['peak_step_memory_mib']:8.0f} {r['pad_token_fraction']:7.1%} "
-            f"{r['pad_flop_fraction']:8.1%} {r['loss']:8.5f}"
+            f"{r['pad_flop_fraction']:8.1%} {r['flops_vs_plain_packed']:10.2f} {r['loss']:8.5f}"
         )
     summary = {}
     for m in args.models.split(","):
-        pk = next(r for r in runs if r["model"] == m and r["mode"] == "packed")
-        pd = next(r for r in runs if r["model"] == m and r["mode"] == "padded")
+        by = {r["mode"]: r for r in runs if r["model"] == m}
+        pk, sh, pd = by["packed"], by["packed_shared"], by["padded"]
+        med = lambda r: r["time_s"]["median"]  # noqa: E731
+        mem = lambda r: max(r["peak_step_memory_mib"], 1e-9)  # noqa: E731
         summary[m] = {
-            "speedup_median": pd["time_s"]["median"] / pk["time_s"]["median"],
-            "memory_ratio": pd["peak_step_memory_mib"] / max(pk["peak_step_memory_mib"], 1e-9),
-            "loss_abs_diff": abs(pk["loss"] - pd["loss"]),
+            "speedup_packed_vs_padded": med(pd) / med(pk),
+            "speedup_shared_vs_padded": med(pd) / med(sh),
+            "speedup_shared_vs_packed": med(pk) / med(sh),
+            "memory_ratio_padded_vs_packed": mem(pd) / mem(pk),
+            "memory_ratio_padded_vs_shared": mem(pd) / mem(sh),
+            "loss_abs_diff_packed_padded": abs(pk["loss"] - pd["loss"]),
+            "loss_abs_diff_shared_padded": abs(sh["loss"] - pd["loss"]),
         }
-        lines.append(f"{m}: packed is {summary[m]['speedup_median']:.2f}x faster (median), "
-                     f"{summary[m]['memory_ratio']:.2f}x less step memory; "
-                     f"|loss_packed - loss_padded| = {summary[m]['loss_abs_diff']:.2e}")
+        s_ = summary[m]
+        lines.append(
+            f"{m}: median step speedup vs padded: packed {s_['speedup_packed_vs_padded']:.2f}x, "
+            f"packed_shared {s_['speedup_shared_vs_padded']:.2f}x "
+            f"(shared vs packed {s_['speedup_shared_vs_packed']:.2f}x); step memory padded/packed "
+            f"{s_['memory_ratio_padded_vs_packed']:.2f}x; |loss - loss_padded| packed "
+            f"{s_['loss_abs_diff_packed_padded']:.1e}, shared {s_['loss_abs_diff_shared_padded']:.1e}")
     attn = None
     if args.attn_tokens:
         attn = attention_micro(args)
@@ -327,8 +398,8 @@ def main() -> None:
         "description": "forward+backward of a BT reward-model step, packed vs padded (pad to "
                        "longest, chosen+rejected concatenated, head over every token)",
         "settings": {k: getattr(args, k) for k in
-                     ("models", "pairs", "repeats", "warmup", "median", "sigma", "max_len",
-                      "threads", "seed")},
+                     ("models", "pairs", "repeats", "warmup", "prompt_median", "response_median",
+                      "sigma", "max_len", "threads", "seed")},
         "model_configs": {m: MODELS[m] for m in args.models.split(",")},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpu": platform.processor() or platform.machine(),

@@ -48,13 +48,30 @@ class SegmentGroup:
 
 @dataclass
 class SegmentPlan:
-    """Grouping of all segments by ``(L, P)`` plus the permutation back to token order.
+    """Grouping of all segments by ``(L, P)`` plus the gathers that feed it.
 
-    ``inverse_index [T]``: position of token ``t`` in the concatenation of the groups'
-    outputs; ``None`` when that concatenation is already in token order.
+    The per-segment path gathers queries and keys for *all* groups with one ``index_select``
+    each and splits the result per group (``torch.split``): the backward of one gather is one
+    scatter into ``[T, H, D]``, whereas a gather per group would zero-fill and accumulate a full
+    ``[T, H, D]`` gradient per group (measured: half the attention time with 16 groups).
+
+    Attributes:
+        groups: the groups, in gather order.
+        query_index: ``[T]`` token order of the groups' queries concatenated, or ``None`` when
+            that is already token order.
+        key_index: ``[T + sum_s P_s]`` token order of the groups' keys concatenated, or ``None``
+            when the keys are the queries (no prefixes).
+        query_sizes: ``G * L`` per group (split sizes of the gathered queries).
+        key_sizes: ``G * (P + L)`` per group.
+        inverse_index: ``[T]`` position of token ``t`` in the concatenation of the groups'
+            outputs; ``None`` when that concatenation is already in token order.
     """
 
     groups: list[SegmentGroup]
+    query_index: Optional[torch.Tensor]
+    key_index: Optional[torch.Tensor]
+    query_sizes: list[int]
+    key_sizes: list[int]
     inverse_index: Optional[torch.Tensor]
 
 
@@ -227,13 +244,32 @@ class VarlenMetadata:
                 # bottom-right causal: query i sees all P prefix keys and own keys 0..i
                 mask = torch.arange(P + L, device=device)[None, :] <= (ar_l[:, None] + P)
             groups.append(SegmentGroup(cnt, L, P, q_idx, k_idx, mask))
+        if len(groups) == len(order_l):
+            # every (L, P) is unique: one SDPA call per segment either way, so keep token order
+            # and the queries need no gather (and the output no inverse permutation)
+            starts_l = starts.tolist()
+            groups = [g for _, g in sorted(zip(order_l, groups), key=lambda x: starts_l[x[0]])]
         perm = torch.cat([g.query_index for g in groups])
         if bool((perm == torch.arange(self.total_tokens, device=device)).all()):
-            inverse = None
+            query_index, inverse = None, None
         else:
+            query_index = perm
             inverse = torch.empty_like(perm)
             inverse[perm] = torch.arange(perm.numel(), device=device)
-        plan = SegmentPlan(groups, inverse)
+        if self.segment_prefix is None:
+            key_index = None
+        else:
+            key_index = torch.cat(
+                [g.query_index if g.key_index is None else g.key_index for g in groups]
+            )
+        plan = SegmentPlan(
+            groups,
+            query_index,
+            key_index,
+            [g.num_segments * g.query_len for g in groups],
+            [g.num_segments * (g.query_len + g.prefix_len) for g in groups],
+            inverse,
+        )
         self._cache["segment_plan"] = plan
         return plan
 

@@ -121,21 +121,31 @@ def _sdpa_segments(
     plan = meta.segment_plan()
     h, hk, d = q.shape[1], k.shape[1], q.shape[2]
     gqa = hk != h
+    # one gather per tensor for all groups, then a split (see SegmentPlan): the backward is one
+    # scatter, not one full-size zero-fill + accumulate per group
+    if plan.query_index is not None:
+        q_all = q.index_select(0, plan.query_index)
+        k_all = k.index_select(0, plan.query_index if plan.key_index is None else plan.key_index)
+        v_all = v.index_select(0, plan.query_index if plan.key_index is None else plan.key_index)
+    elif plan.key_index is not None:
+        q_all = q
+        k_all = k.index_select(0, plan.key_index)
+        v_all = v.index_select(0, plan.key_index)
+    else:
+        q_all, k_all, v_all = q, k, v
+    if len(plan.groups) == 1:
+        q_parts, k_parts, v_parts = (q_all,), (k_all,), (v_all,)
+    else:
+        q_parts = q_all.split(plan.query_sizes)
+        k_parts = k_all.split(plan.key_sizes)
+        v_parts = v_all.split(plan.key_sizes)
     outs = []
-    for g in plan.groups:
+    for g, qg, kg, vg in zip(plan.groups, q_parts, k_parts, v_parts):
         n, L, P = g.num_segments, g.query_len, g.prefix_len
-        if plan.inverse_index is None and len(plan.groups) == 1 and P == 0:
-            # the whole row is segments of one length in order: a reshape, no gather
-            qg, kg, vg = (x.reshape(n, L, x.shape[1], d) for x in (q, k, v))
-        else:
-            kidx = g.query_index if g.key_index is None else g.key_index
-            qg = q.index_select(0, g.query_index).view(n, L, h, d)
-            kg = k.index_select(0, kidx).view(n, L + P, hk, d)
-            vg = v.index_select(0, kidx).view(n, L + P, hk, d)
         og = F.scaled_dot_product_attention(
-            qg.transpose(1, 2),
-            kg.transpose(1, 2),
-            vg.transpose(1, 2),
+            qg.reshape(n, L, h, d).transpose(1, 2),
+            kg.reshape(n, L + P, hk, d).transpose(1, 2),
+            vg.reshape(n, L + P, hk, d).transpose(1, 2),
             attn_mask=g.mask,
             dropout_p=dropout_p,
             is_causal=g.mask is None,

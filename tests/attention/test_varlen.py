@@ -187,9 +187,16 @@ def test_segment_plan_groups_equal_lengths():
     plan = VarlenMetadata.build(cu, pre).segment_plan()
     got = sorted((g.num_segments, g.query_len, g.prefix_len) for g in plan.groups)
     assert got == [(1, 2, 3), (1, 3, 0), (2, 1, 0), (2, 2, 0)]
+    assert plan.query_index is not None and plan.key_index is not None
+    assert plan.query_sizes == [g.num_segments * g.query_len for g in plan.groups]
     # plain equal-length row keeps token order (no permutation)
     cu2 = torch.tensor([0, 3, 6, 9], dtype=torch.int32)
     assert VarlenMetadata.build(cu2).segment_plan().inverse_index is None
+    # all lengths distinct: token order, no query gather, no inverse
+    cu3 = torch.tensor([0, 5, 6, 9, 16], dtype=torch.int32)
+    plan3 = VarlenMetadata.build(cu3).segment_plan()
+    assert plan3.query_index is None and plan3.inverse_index is None and plan3.key_index is None
+    assert [g.query_len for g in plan3.groups] == [5, 1, 3, 7]
 
 
 def test_backend_selection(monkeypatch):
