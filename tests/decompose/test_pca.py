@@ -103,6 +103,7 @@ def test_randomized_matches_exact_with_gap(center, chunk_size):
 def test_auto_method_and_sources():
     z = _spiked(100, 8, 2, seed=2)
     assert fit_pca(z, 2).method == "exact"
+    assert fit_pca(torch.randn(2100, 1000), 2, progress=False).method == "covariance"  # tall, big
     pe = PairEmbeddings(z + 1.0, torch.ones_like(z))
     assert fit_pca(pe, 2, progress=False).method == "covariance"
     chunks = list(iter_chunks(z, 30))
