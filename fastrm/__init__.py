@@ -7,6 +7,8 @@ Public names:
 * :func:`fused_reward_head_loss`: reward head + loss + backward in one op from packed hidden
   states (Triton on CUDA, native C++ on CPU, torch reference).
 * :class:`PackedBatch`: the packed batch type (segments, shared prefixes, comparisons).
+* :func:`reward_model` / :func:`lora_reward_model` / :class:`RewardModel`: a reward model around
+  any torchtune decoder with packed per-sequence attention (:func:`varlen_attention`).
 """
 
 from fastrm.data.batch import PackedBatch
@@ -14,13 +16,22 @@ from fastrm.loss import RewardLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["PackedBatch", "RewardLoss", "fused_reward_head_loss", "__version__"]
+__all__ = ["PackedBatch", "RewardLoss", "RewardModel", "fused_reward_head_loss", "lora_reward_model",
+           "reward_model", "varlen_attention", "__version__"]
+
+# Lazy: the kernels and torchtune models are not free to import and not needed for the loss.
+_LAZY = {
+    "fused_reward_head_loss": "fastrm.ops",
+    "RewardModel": "fastrm.models",
+    "reward_model": "fastrm.models",
+    "lora_reward_model": "fastrm.models",
+    "varlen_attention": "fastrm.attention",
+}
 
 
 def __getattr__(name: str):
-    # Lazy: importing the Triton kernels is not free and not needed for the loss alone.
-    if name == "fused_reward_head_loss":
-        from fastrm.ops import fused_reward_head_loss
+    if name in _LAZY:
+        import importlib
 
-        return fused_reward_head_loss
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastrm' has no attribute {name!r}")

