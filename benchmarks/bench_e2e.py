@@ -334,8 +334,8 @@ def time_config(data: DataSpec, spec: ModelSpec, tok, args, dtype) -> dict[str, 
     opt = make_optimizer(model)
     times: dict[str, list[float]] = {lay: [] for lay in data.layouts}
     layouts = list(data.layouts)
-    for lay in layouts:  # warm-up epoch (allocator, AdamW state, kernel selection)
-        train_epoch(lay, model, opt, loss_fn, batches[lay], args.device)
+    for lay in layouts:  # warm-up (allocator, AdamW state, kernel selection)
+        train_epoch(lay, model, opt, loss_fn, batches[lay][:args.warmup_steps], args.device)
     for r in range(args.repeats):
         k = r % len(layouts)
         for lay in layouts[k:] + layouts[:k]:
@@ -500,7 +500,8 @@ def plan(args) -> list[tuple[str, str]]:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small epochs, 3 repeats: minutes on 2 cores")
+    p.add_argument("--quick", action="store_true",
+                   help="2 steps x 4 comparisons, 3 repeats, fewer data sets for the larger model")
     p.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
                    help="model sizes (first: runs every data set; others: --data-large)")
     p.add_argument("--data-small", nargs="+", default=None, help="data sets for the first model")
@@ -509,6 +510,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="steps per benchmark epoch")
     p.add_argument("--pairs-per-step", type=int, default=None, help="comparisons per step")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="untimed steps per layout before the repeats (default: 1 quick, an epoch full)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
@@ -530,7 +533,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                           ["longtail", "uniform", "long_prompt", "short_prompt",
                                            "synthetic_k4", "qa_feedback"])
     args.steps = args.steps or (2 if q else 6)
-    args.pairs_per_step = args.pairs_per_step or 8
+    args.pairs_per_step = args.pairs_per_step or (4 if q else 8)
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (1 if q else args.steps)
     args.repeats = args.repeats or (3 if q else 5)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.memory_worker:
@@ -581,6 +585,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "machine": info,
         "matmul": mm,
         "settings": {"quick": q, "models": args.models, "steps": args.steps,
+                     "warmup_steps": args.warmup_steps,
                      "pairs_per_step": args.pairs_per_step, "repeats": args.repeats,
                      "threads": args.threads, "device": args.device, "dtype": args.dtype,
                      "seed": args.seed, "optimizer": f"AdamW(lr={LR}, weight_decay={WEIGHT_DECAY})",

@@ -13,7 +13,7 @@ others still run):
    long-tailed, uniform, long/short-prompt, K-responses and qa-feedback data, two model sizes;
 5. ``plots.py``: PNGs from the end-to-end JSON.
 
-Then ``results/summary.json`` (machine, every step's status, wall time and output files, the
+Then ``results/summary.json`` (the latest run, quick or full; machine, every step's status, wall time and output files, the
 headline numbers) and ``results/summary.md`` (Markdown tables for the README). On a CUDA machine
 the fused-head and end-to-end benchmarks run a second time on the GPU (flash-attn varlen
 attention and the Triton head + loss, bf16) and save ``*_cuda*.json`` beside the CPU files.
@@ -283,10 +283,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = common.machine_info(args.threads, "cuda" if args.cuda else "cpu")
     t0 = time.perf_counter()
     sfx = "_quick" if args.quick else ""
-    summary_path = RESULTS / f"summary{sfx}.json"
+    summary_path = RESULTS / "summary.json"  # the latest run, quick or full (recorded inside)
     run: dict[str, dict] = {}
     if args.summary_only and summary_path.is_file():
-        run = json.loads(summary_path.read_text())["steps"]
+        prev = json.loads(summary_path.read_text())
+        if prev.get("quick") != args.quick:
+            raise SystemExit(f"{summary_path} is from a {'quick' if prev.get('quick') else 'full'} "
+                             "run; pass the same --quick setting")
+        run = prev["steps"]
     else:
         for name, cmd, outputs in steps(args):
             run[name] = _run(name, cmd, env, logs / f"{name}{sfx}.log")
