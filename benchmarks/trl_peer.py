@@ -93,8 +93,16 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
                                 "rejected": r["rejected"]} for r in rows])
     n_steps = spec["warmup"] + spec["steps"]
     out_dir = tempfile.mkdtemp(prefix="fastrm_trl_bench_")
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name is
+    # a deprecated alias); set whichever this version has, so the setting is the one we ask for
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(RewardConfig)}
+    ckpt_arg = ({"activation_checkpointing": gradient_checkpointing}
+                if "activation_checkpointing" in fields
+                else {"gradient_checkpointing": gradient_checkpointing})
     args = RewardConfig(
         output_dir=out_dir,
+        **ckpt_arg,
         per_device_train_batch_size=spec["batch_pairs"],
         gradient_accumulation_steps=1,
         max_steps=n_steps,
@@ -102,7 +110,6 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         max_grad_norm=spec["max_grad_norm"],
         bf16=False,
         fp16=False,
-        gradient_checkpointing=gradient_checkpointing,
         max_length=spec["max_length"],
         train_sampling_strategy="sequential",
         logging_steps=1,
@@ -157,6 +164,10 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
     load_s = time.perf_counter() - t_load
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     trainer.train()
+    checkpointing_on = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
+    if checkpointing_on != gradient_checkpointing:
+        raise RuntimeError(f"asked for gradient checkpointing={gradient_checkpointing}, the model "
+                           f"ran with {checkpointing_on}")
     return {
         **record,
         "dropped_pairs": len(rows) - len(ds),
@@ -165,5 +176,6 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_rss_before_train_bytes": rss_before,
         "load_s": load_s,
+        "checkpointing_on": checkpointing_on,
         "versions": trl_versions(),
     }

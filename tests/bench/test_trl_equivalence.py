@@ -83,10 +83,11 @@ def test_fastrm_matches_trl_losses(tmp_path):
     # lr 1e-4: a step moves the loss far more than the tolerance, so step 2 tests the update
     spec = {"warmup": 0, "steps": 2, "batch_pairs": 3, "lr": 1e-4, "betas": [0.9, 0.999],
             "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0, "dtype": "float32",
-            "threads": 2, "seed": 5, "attn_implementation": "sdpa"}
+            "threads": 1, "seed": 5, "attn_implementation": "sdpa"}
     plan = bench_trl.make_plan("synthetic", {"max_length": 160, "num_prompts": 12,
                                              "length_scale": 1.0}, spec, ckpt)
-    trl = run_trl(plan, gradient_checkpointing=False)
+    trl = run_trl(plan, gradient_checkpointing=True)
+    assert trl["checkpointing_on"]
     assert len(trl["loss"]) == 2 and trl["loss"][0] != trl["loss"][1]
     assert abs(trl["loss"][0] - trl["loss"][1]) > 1e-3
     for config in bench_trl.CONFIGS:
