@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 
 OBJECTIVES = ("bradley_terry", "hinge")
+#: listwise objectives: they need whole rankings (every group's comparisons a total order)
+LISTWISE_OBJECTIVES = ("plackett_luce",)
 
 
-def check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(
-            f"objective={objective!r} is not known; choose one of {', '.join(OBJECTIVES)}"
-        )
+def check_objective(objective: str, listwise: bool = False) -> None:
+    known = OBJECTIVES + (LISTWISE_OBJECTIVES if listwise else ())
+    if objective not in known:
+        raise ValueError(f"objective={objective!r} is not known; choose one of {', '.join(known)}")
 
 
 def pairwise_objective(
@@ -191,6 +192,53 @@ def plackett_luce_loss(rewards: torch.Tensor, ranking: torch.Tensor) -> torch.Te
     # reverse cumulative logsumexp: lse_k = log sum_{m >= k} exp(r_m)
     lse = torch.logcumsumexp(r.flip(0), dim=0).flip(0)
     return -(r[:-1] - lse[:-1]).sum()
+
+
+def rankings_from_comparisons(
+    chosen_index: torch.Tensor, rejected_index: torch.Tensor, group_index: torch.Tensor
+) -> list[torch.Tensor]:
+    """One full ranking per group (indices into the rewards, best first) from its comparisons.
+
+    A group's comparisons must be a complete, consistent tournament over its responses (every
+    pair compared once, no cycle), which is what a full ranking or distinct scores produce:
+    then the number of wins of the responses is ``K-1, ..., 1, 0`` and orders them. Anything
+    else raises ``ValueError`` naming the group.
+    """
+    rankings = []
+    ci, ri, gi = chosen_index.tolist(), rejected_index.tolist(), group_index.tolist()
+    by_group: dict[int, list[tuple[int, int]]] = {}
+    for a, b, g in zip(ci, ri, gi):
+        by_group.setdefault(g, []).append((a, b))
+    for g, comps in by_group.items():
+        members = sorted({x for ab in comps for x in ab})
+        k = len(members)
+        wins = {m: 0 for m in members}
+        for a, _ in comps:
+            wins[a] += 1
+        pairs = {frozenset(ab) for ab in comps}
+        if len(comps) != k * (k - 1) // 2 or len(pairs) != len(comps) or sorted(wins.values()) != list(range(k)):
+            raise ValueError(
+                f"group {g} has {k} responses and {len(comps)} comparisons that do not form one "
+                "full ranking; the listwise (plackett_luce) objective needs every pair of a "
+                "group compared consistently (use bradley_terry for partial comparisons)")
+        rankings.append(torch.tensor(sorted(members, key=lambda m: -wins[m]),
+                                     device=chosen_index.device))
+    return rankings
+
+
+def listwise_loss(
+    rewards: torch.Tensor, rankings: list[torch.Tensor], centering_coefficient: float = 0.0,
+    chosen_index: Optional[torch.Tensor] = None, rejected_index: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mean over groups of the Plackett-Luce NLL divided by ``K - 1`` (per choice, so groups of
+    different sizes weigh alike): ``mean_g plackett_luce_loss(r, ranking_g) / (K_g - 1)``. A
+    group of 2 gives Bradley-Terry exactly. Centering, when on, is over the comparisons, as for
+    the pairwise objectives."""
+    per_group = torch.stack([plackett_luce_loss(rewards, rk) / (rk.numel() - 1) for rk in rankings])
+    loss = per_group.mean()
+    if centering_coefficient:
+        loss = loss + centering_coefficient * ((rewards[chosen_index] + rewards[rejected_index]) ** 2).mean()
+    return loss
 
 
 def reward_metrics(

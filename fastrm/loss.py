@@ -35,6 +35,11 @@ class RewardLoss(nn.Module):
       assumed flipped).
     * ``objective="hinge"``: :math:`\ell = \max(0, h - \delta)` with ``hinge_margin`` :math:`h`
       (margin ranking loss).
+    * ``objective="plackett_luce"`` (listwise, grouped responses with full rankings): per group
+      ranked :math:`r_{(1)} \succ \dots \succ r_{(K)}`,
+      :math:`\ell_g = -\frac{1}{K-1}\sum_{k<K}\big(r_{(k)} - \log\sum_{m\ge k} e^{r_{(m)}}\big)`,
+      averaged over groups; the ranking comes from the group's comparisons (which must be
+      complete and consistent); :math:`K = 2` is Bradley-Terry. No margins.
 
     The loss is the mean of :math:`\ell` over pairs plus the reward-centering term of
     arXiv 2312.09244, :math:`c \cdot \mathrm{mean}((r_c + r_r)^2)` with
@@ -57,7 +62,7 @@ class RewardLoss(nn.Module):
     ``[B]``; the result is a scalar.
 
     Args:
-        objective: ``"bradley_terry"`` or ``"hinge"``.
+        objective: ``"bradley_terry"``, ``"hinge"`` or ``"plackett_luce"``.
         use_margin: subtract the per-pair ``margin`` (required in every call when ``True``).
         centering_coefficient: weight of the reward-centering term.
         label_smoothing: :math:`\epsilon` of the Bradley-Terry objective, in ``[0, 0.5)``.
@@ -82,7 +87,10 @@ class RewardLoss(nn.Module):
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
-        RF.check_objective(objective)
+        RF.check_objective(objective, listwise=True)
+        if objective in RF.LISTWISE_OBJECTIVES and (use_margin or cross_prompt):
+            raise ValueError(f"objective={objective!r} takes no margin and no cross-prompt "
+                             "contrast; set use_margin: False and cross_prompt: False")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
         if centering_coefficient < 0:
@@ -105,6 +113,18 @@ class RewardLoss(nn.Module):
         self._warned_unused_margin = False
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def listwise(self) -> bool:
+        return self.objective in RF.LISTWISE_OBJECTIVES
+
+    def _pairwise_kwargs(self) -> dict:
+        """Objective options for pairwise formulas (a listwise objective on a lone pair is
+        Bradley-Terry)."""
+        kw = self._objective_kwargs()
+        if self.listwise:
+            kw["objective"] = "bradley_terry"
+        return kw
+
     def _objective_kwargs(self) -> dict:
         return dict(
             objective=self.objective,
@@ -196,7 +216,7 @@ class RewardLoss(nn.Module):
             raise ValueError(f"chosen_rewards {tuple(r_c.shape)} and rejected_rewards "
                              f"{tuple(r_r.shape)} must have the same shape")
         m = self._margin(margin, r_c.shape[0])
-        return RF.pair_loss(r_c, r_r, m, **self._objective_kwargs())
+        return RF.pair_loss(r_c, r_r, m, **self._pairwise_kwargs())
 
     def _resolve_contrast(self, contrast_weights, chosen_emb, rejected_emb) -> torch.Tensor:
         if contrast_weights is not None:
@@ -223,6 +243,8 @@ class RewardLoss(nn.Module):
             group_index: ``[P]`` prompt-group id per comparison (``weighting="group"``).
         """
         rewards = self._flat(rewards, "rewards")
+        if self.listwise:
+            return self._listwise(rewards, chosen_index, rejected_index, group_index)
         m = self._margin(margin, chosen_index.shape[0])
         return RF.comparison_loss(rewards, chosen_index, rejected_index, m,
                                   self._comparison_weight(group_index), **self._objective_kwargs())
@@ -256,6 +278,15 @@ class RewardLoss(nn.Module):
             if hidden.shape[0] != 1:
                 raise ValueError(f"hidden must be [T, D] or [1, T, D], got {tuple(hidden.shape)}")
             hidden = hidden[0]
+        if self.listwise:
+            # listwise needs every reward of a group at once: gather the N rows (never [T, 1])
+            w = weight.reshape(-1).float()
+            rewards = hidden.index_select(0, batch.reward_positions).float() @ w
+            if bias is not None:
+                rewards = rewards + bias.float().reshape(())
+            loss = self._listwise(rewards, batch.chosen_index, batch.rejected_index,
+                                  batch.group_index)
+            return loss, rewards.detach()
         m = self._margin(batch.margin, batch.num_comparisons)
         kwargs = self._objective_kwargs()
         if self.cross_prompt:
@@ -270,6 +301,14 @@ class RewardLoss(nn.Module):
         return fused_reward_head_loss(
             hidden, weight, bias, batch.reward_positions, batch.chosen_index, batch.rejected_index,
             m, self._comparison_weight(batch.group_index), backend=self.backend, **kwargs)
+
+    def _listwise(self, rewards, chosen_index, rejected_index, group_index) -> torch.Tensor:
+        if group_index is None:
+            raise ValueError("objective='plackett_luce' needs group_index (one group id per "
+                             "comparison) to know which responses form a ranking")
+        rankings = RF.rankings_from_comparisons(chosen_index, rejected_index, group_index)
+        return RF.listwise_loss(rewards, rankings, self.centering_coefficient, chosen_index,
+                                rejected_index)
 
     # ------------------------------------------------------------------ metrics
     @staticmethod

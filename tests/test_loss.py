@@ -225,3 +225,102 @@ def test_plackett_luce_against_brute_force():
     assert RF.plackett_luce_loss(r, ranking).item() == pytest.approx(-logp, rel=1e-12)
     two = torch.tensor([1, 3])
     assert RF.plackett_luce_loss(r, two).item() == pytest.approx(-_logsig(float(r[1] - r[3])), rel=1e-12)
+
+
+# ---------------------------------------------------------------- listwise (Plackett-Luce)
+def _tournament(ranking: list[int], rng) -> list[tuple[int, int]]:
+    comps = [(ranking[a], ranking[b]) for a, b in itertools.combinations(range(len(ranking)), 2)]
+    rng.shuffle(comps)
+    return comps
+
+
+def test_rankings_recovered_from_complete_comparisons_and_errors():
+    import random
+
+    rng = random.Random(0)
+    ranking = [5, 2, 7, 3, 6]
+    comps = _tournament(ranking, rng)
+    ci = torch.tensor([a for a, _ in comps])
+    ri = torch.tensor([b for _, b in comps])
+    (got,) = RF.rankings_from_comparisons(ci, ri, torch.zeros(len(comps), dtype=torch.long))
+    assert got.tolist() == ranking
+    with pytest.raises(ValueError, match="group 0 .*full ranking"):
+        RF.rankings_from_comparisons(ci[:-1], ri[:-1], torch.zeros(len(comps) - 1, dtype=torch.long))
+    cyc = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    with pytest.raises(ValueError, match="full ranking"):
+        RF.rankings_from_comparisons(*cyc, torch.zeros(3, dtype=torch.long))
+
+
+def test_plackett_luce_objective_matches_hand_computation_and_gradients():
+    import random
+
+    rng = random.Random(1)
+    g = torch.Generator().manual_seed(9)
+    # two groups: K=4 (responses 0-3) and K=2 (responses 4-5), full rankings
+    rankings = [[2, 0, 3, 1], [5, 4]]
+    comps, gids = [], []
+    for gid, rk in enumerate(rankings):
+        c = _tournament(rk, rng)
+        comps += c
+        gids += [gid] * len(c)
+    ci = torch.tensor([a for a, _ in comps])
+    ri = torch.tensor([b for _, b in comps])
+    gi = torch.tensor(gids)
+    rewards = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    loss_fn = RewardLoss(objective="plackett_luce")
+    loss = loss_fn.comparison_loss(rewards, ci, ri, group_index=gi)
+
+    def nll(rk):
+        rs = [float(rewards.detach()[i]) for i in rk]
+        return -sum(rs[k] - math.log(sum(math.exp(x) for x in rs[k:])) for k in range(len(rs) - 1))
+
+    want = (nll(rankings[0]) / 3 + nll(rankings[1]) / 1) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    # K = 2 is Bradley-Terry
+    assert nll(rankings[1]) == pytest.approx(-_logsig(float(rewards[5] - rewards[4])), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, rewards)
+    eps = 1e-6
+    for i in range(6):
+        e = torch.zeros(6, dtype=torch.float64)
+        e[i] = eps
+        num = (loss_fn.comparison_loss(rewards.detach() + e, ci, ri, group_index=gi)
+               - loss_fn.comparison_loss(rewards.detach() - e, ci, ri, group_index=gi)) / (2 * eps)
+        assert grad[i].item() == pytest.approx(num.item(), abs=1e-7)
+    with pytest.raises(ValueError, match="no margin"):
+        RewardLoss(objective="plackett_luce", use_margin=True)
+    with pytest.raises(ValueError, match="group_index"):
+        loss_fn.comparison_loss(rewards, ci, ri)
+
+
+def test_plackett_luce_from_hidden_equals_gathered_reference():
+    import random
+
+    from fastrm.data.batch import PackedBatch
+
+    rng = random.Random(2)
+    g = torch.Generator().manual_seed(10)
+    t, d = 40, 13
+    hidden = torch.randn(t, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, generator=g, dtype=torch.float64, requires_grad=True)
+    positions = torch.tensor([3, 9, 15, 22, 30, 39])
+    comps, gids = _tournament([1, 0, 2], rng), [0, 0, 0]
+    comps += [(a + 3, b_ + 3) for a, b_ in _tournament([2, 1, 0], rng)]
+    gids += [1, 1, 1]
+    batch = PackedBatch(
+        tokens=torch.zeros(1, t, dtype=torch.long), position_ids=torch.arange(t)[None],
+        cu_seqlens=torch.tensor([0, t], dtype=torch.int32),
+        segment_prefix=torch.zeros(1, 2, dtype=torch.int32), reward_positions=positions,
+        chosen_index=torch.tensor([a for a, _ in comps]),
+        rejected_index=torch.tensor([b_ for _, b_ in comps]), group_index=torch.tensor(gids))
+    loss_fn = RewardLoss(objective="plackett_luce", centering_coefficient=0.1)
+    loss, rewards = loss_fn.from_hidden(hidden, w, b, batch)
+    grads = torch.autograd.grad(loss, (hidden, w, b))
+    ref_rewards = hidden[positions] @ w[0] + b
+    ref = loss_fn.comparison_loss(ref_rewards, batch.chosen_index, batch.rejected_index,
+                                  group_index=batch.group_index)
+    ref_grads = torch.autograd.grad(ref, (hidden, w, b))
+    torch.testing.assert_close(rewards, ref_rewards.detach().float())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
+    for x, y in zip(grads, ref_grads):
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-6)

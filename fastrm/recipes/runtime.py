@@ -255,8 +255,8 @@ def load_base_lm_head(src: Path) -> Optional[torch.Tensor]:
 # ---------------------------------------------------------------------- metrics
 def loss_normalizer(loss_fn: RewardLoss, batch: PackedBatch) -> float:
     """What the loss is a mean over on this micro-batch: comparisons, the sum of group weights
-    (``weighting="group"``), or chosen responses (cross-prompt)."""
-    if loss_fn.weighting == "group" and batch.group_index is not None:
+    (``weighting="group"``: one per group), or groups (listwise objectives)."""
+    if (loss_fn.weighting == "group" or loss_fn.listwise) and batch.group_index is not None:
         return float(torch.unique(batch.group_index).numel())
     return float(batch.num_comparisons)
 
