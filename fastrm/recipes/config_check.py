@@ -18,7 +18,7 @@ OPTIONAL = (
     "gradient_accumulation_steps", "clip_grad_norm", "enable_activation_checkpointing", "compile",
     "save_every_n_steps", "save_final_checkpoint", "resume_from_checkpoint", "metric_logger",
     "log_every_n_steps", "trainable", "eval_every_n_steps", "eval_max_steps", "attention_backend",
-    "fsdp_reshard_after_forward", "num_threads", "category_key", "reward_stats_max_steps",
+    "fsdp_reshard_after_forward", "num_threads", "cross_prompt",
 )
 
 PACKING_KEYS = ("max_seq_len", "rows_per_step", "prefix_sharing", "shuffle", "group_responses")

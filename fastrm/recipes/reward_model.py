@@ -62,7 +62,9 @@ class RewardModelStep(nn.Module):
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(batch)
         head = self.model.head
-        return self.loss_fn.from_hidden(hidden, head.weight, head.bias, batch)
+        emb = batch.extras.get("prompt_embeddings")
+        return self.loss_fn.from_hidden(hidden, head.weight, head.bias, batch,
+                                        None if emb is None else emb.to(hidden.device))
 
 
 class RewardModelRecipe:

@@ -383,7 +383,7 @@ class StepData:
     """
 
     def __init__(self, groups, packing: DictConfig, world_size: int, rank: int, seed: int,
-                 train: bool) -> None:
+                 train: bool, prompt_embedder: Optional[Any] = None) -> None:
         from fastrm.data import PackedPreferenceDataset
 
         self.groups = groups
@@ -391,6 +391,16 @@ class StepData:
         kwargs = dict(max_seq_len=int(packing.max_seq_len),
                       rows_per_step=int(packing.get("rows_per_step", 1)),
                       prefix_sharing=packing.get("prefix_sharing", None), seed=seed)
+        self.group_embeddings: Optional[torch.Tensor] = None
+        if prompt_embedder is not None:
+            # Cross-prompt (RPO) training: one prompt embedding per group, and packed steps of
+            # similar prompts (random-projection order), since the contrast only helps between
+            # related prompts.
+            from fastrm.data.cross_prompt import SimilarityOrder, embed_groups
+
+            self.group_embeddings = embed_groups(groups, prompt_embedder).float()
+            if train:
+                kwargs["order_key"] = SimilarityOrder(self.group_embeddings, seed)
         if train:
             self.packed = PackedPreferenceDataset(groups, rank=rank, world_size=world_size, **kwargs)
         else:  # every rank plans every step; eval_steps deals them out without dropping any
@@ -411,7 +421,21 @@ class StepData:
 
     def epoch_steps(self, epoch: int, skip: int = 0) -> Iterator[PackedBatch]:
         self.packed.set_epoch(epoch, start_step=skip)
-        return iter(self.packed.dataloader())
+        if self.group_embeddings is None:
+            return iter(self.packed.dataloader())
+        return (self.step(i) for i in range(skip, len(self.packed)))
+
+    def step(self, i: int) -> PackedBatch:
+        """Packed step ``i`` of the current epoch, with ``extras["prompt_embeddings"]`` (``[N,
+        E]``, one per scored response) for cross-prompt training."""
+        batch = self.packed[i]
+        if self.group_embeddings is not None:
+            units = [u for row in self.packed.steps[i] for u in row.tolist()]
+            source = torch.as_tensor(self.packed.unit_source[units])
+            # collate_packed scores each group's responses in order, group after group
+            counts = torch.tensor([len(self.packed.units[u].responses) for u in units])
+            batch.extras["prompt_embeddings"] = self.group_embeddings[source].repeat_interleave(counts, 0)
+        return batch
 
     def num_eval_steps(self) -> int:
         return -(-len(self.packed) // self.world_size)
@@ -424,7 +448,7 @@ class StepData:
         for i in range(self.num_eval_steps()):
             j = i * self.world_size + self.rank
             real = j < n
-            batch = self.packed[j if real else 0]
+            batch = self.step(j if real else 0)
             # collate_packed lists each comparison's group category ("" / absent: none)
             cats = batch.extras.get("category") or [None] * batch.num_comparisons
             yield batch, real, [c or None for c in cats]
@@ -433,10 +457,17 @@ class StepData:
 def build_step_data(cfg: DictConfig, ds_cfg: DictConfig, tokenizer, world_size: int, rank: int,
                     seed: int, train: bool) -> StepData:
     """Instantiates a fastrm dataset builder (``_component_: fastrm.datasets.<builder>``) with
-    the recipe's tokenizer and packs it as ``cfg.packing`` says."""
+    the recipe's tokenizer and packs it as ``cfg.packing`` says. With ``loss.cross_prompt`` the
+    prompts are embedded by ``cross_prompt.embedder`` (default: hashed token n-grams)."""
     groups = config.instantiate(ds_cfg, tokenizer=tokenizer)
     if len(groups) == 0:
         name = "dataset" if train else "validation_dataset"
         raise ValueError(f"config section {name!r} produced no preference pairs; check its "
                          "source, split and filters")
-    return StepData(groups, cfg.packing, world_size, rank, seed, train)
+    embedder = None
+    if cfg.loss.get("cross_prompt", False):
+        from fastrm.data.cross_prompt import HashedNgramEmbedder
+
+        ecfg = (cfg.get("cross_prompt") or {}).get("embedder")
+        embedder = config.instantiate(ecfg) if ecfg is not None else HashedNgramEmbedder()
+    return StepData(groups, cfg.packing, world_size, rank, seed, train, embedder)

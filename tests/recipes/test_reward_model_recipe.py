@@ -159,3 +159,30 @@ def test_dataset_without_chosen_fails_before_the_model_loads(tmp_path):
         recipe.setup(cfg)
     assert not hasattr(recipe, "model")
     recipe.metric_logger.close()
+
+
+def test_cross_prompt_training_attaches_prompt_embeddings(tmp_path):
+    """loss.cross_prompt: every scored response carries its group's prompt embedding, steps
+    hold similar prompts, and the recipe trains with the contrast loss."""
+    from fastrm.data.cross_prompt import HashedNgramEmbedder
+    from fastrm.data.tokenizer import ByteChatTokenizer
+    from fastrm.recipes.runtime import build_step_data
+
+    cfg = tiny_cfg(tmp_path, max_steps_per_epoch=3, **{"loss.cross_prompt": True,
+                                                        "loss.use_margin": True,
+                                                        "loss.temperature": 0.5})
+    data = build_step_data(cfg, cfg.dataset, ByteChatTokenizer(), 1, 0, seed=0, train=True)
+    data.packed.set_epoch(0)
+    batch = data.step(1)
+    emb = batch.extras["prompt_embeddings"]
+    assert emb.shape[0] == batch.reward_positions.shape[0]
+    groups = data.packed.step_groups(1)
+    want = HashedNgramEmbedder()(groups)
+    k = 0
+    for g, e in zip(groups, want):
+        for _ in g.responses:
+            torch.testing.assert_close(emb[k], e.float())
+            k += 1
+    assert k == emb.shape[0]
+    recipe = run_recipe(cfg)
+    assert len(recipe.history) == 3 and all(torch.isfinite(torch.tensor(losses(recipe))))
