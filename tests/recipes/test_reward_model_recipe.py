@@ -186,3 +186,52 @@ def test_cross_prompt_training_attaches_prompt_embeddings(tmp_path):
     assert k == emb.shape[0]
     recipe = run_recipe(cfg)
     assert len(recipe.history) == 3 and all(torch.isfinite(torch.tensor(losses(recipe))))
+
+
+def test_hf_checkpoint_saved_by_the_recipe_loads_back(tmp_path):
+    """Base weights in through torchtune's HF checkpointer, trained weights out as an HF
+    checkpoint + reward head that the same checkpointer (or transformers) loads back."""
+    from safetensors.torch import save_file
+    from torchtune.models.convert_weights import tune_to_hf
+    from torchtune.training import FullModelHFCheckpointer
+
+    from fastrm.data import collate_packed
+    from fastrm.models import load_base_weights, load_head, tiny_llama3, tiny_llama3_reward_model
+
+    arch = dict(vocab_size=261, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+                max_seq_len=2048)
+    torch.manual_seed(5)
+    base = tiny_llama3(**arch)
+    src = tmp_path / "base_hf"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in
+               tune_to_hf(base.state_dict(), num_heads=4, num_kv_heads=2, dim=64).items()},
+              str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_attention_heads": 4,
+        "num_key_value_heads": 2, "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 261,
+        "tie_word_embeddings": False}))
+    cfg = tiny_cfg(tmp_path, max_steps_per_epoch=3, checkpointer={
+        "_component_": "torchtune.training.FullModelHFCheckpointer",
+        "checkpoint_dir": str(src), "checkpoint_files": ["model.safetensors"],
+        "model_type": "LLAMA3", "output_dir": str(tmp_path / "ckpt_out")})
+    recipe = run_recipe(cfg)
+    trained = recipe.model
+    out = Path(cfg.output_dir) / "epoch_0"
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+    loaded = tiny_llama3_reward_model(**arch)
+    ck = FullModelHFCheckpointer(str(out), ["model.safetensors"], "LLAMA3", str(tmp_path / "o2"))
+    sd = ck.load_checkpoint()["model"]
+    report = load_base_weights(loaded, sd)
+    assert report.dropped == ["output.weight"]  # the LM head is kept for causal-LM users
+    torch.testing.assert_close(sd["output.weight"], base.output.weight)
+    load_head(loaded, str(out / "reward_head.safetensors"))
+    changed = sum(not torch.equal(a, b) for a, b in zip(loaded.decoder.state_dict().values(),
+                                                          base.state_dict().values()))
+    assert changed > 0  # the checkpoint holds the trained weights, not the base ones
+    data = recipe.val_data
+    data.packed.set_epoch(0)
+    batch = data.packed[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.rewards(batch), trained.rewards(batch), rtol=1e-5, atol=1e-6)
