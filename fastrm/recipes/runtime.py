@@ -90,9 +90,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        cap = torch.backends.cpu.get_cpu_capability()
-        return torch.bfloat16 if cap in ("AVX512_BF16", "AMX") or "AMX" in cap else torch.float32
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return training.get_dtype(name, device=device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX tiles: bf16 matmul at least as fast as fp32 (elsewhere, e.g. AVX2,
+    it is emulated and hundreds of times slower)."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch: no probe, assume not
+        return False
 
 
 # ---------------------------------------------------------------------- model
