@@ -361,8 +361,11 @@ def time_config(data: DataSpec, spec: ModelSpec, tok, args, dtype) -> dict[str, 
             "times": times}
 
 
-def memory_config(data: DataSpec, spec: ModelSpec, tok, args, dtype) -> dict[str, float]:
-    """Peak step memory (MiB) per layout above the resident model + optimizer state."""
+def memory_config(data: DataSpec, spec: ModelSpec, tok, args, dtype) -> dict[str, dict]:
+    """Peak memory (MiB) per layout above the resident model + optimizer state, the maximum
+    over the epoch's steps of three windows that start just before a step's forward:
+    ``forward`` (saved activations), ``fwd_bwd`` (+ backward, gradients included) and ``step``
+    (+ the AdamW update, the whole training step)."""
     from fastrm import RewardLoss
 
     _, batches = prepare(data, tok, args)
@@ -371,20 +374,37 @@ def memory_config(data: DataSpec, spec: ModelSpec, tok, args, dtype) -> dict[str
     opt = make_optimizer(model)
     out = {}
     cuda = args.device.startswith("cuda")
-    for lay in data.layouts:
-        train_epoch(lay, model, opt, loss_fn, batches[lay][:1], args.device)  # AdamW state
-        gc.collect()
+
+    def start() -> int:
         if cuda:
             torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        else:
-            if not common.reset_peak_rss():
-                return {}
-            base = common.rss_bytes()
-        train_epoch(lay, model, opt, loss_fn, batches[lay], args.device)
-        peak = torch.cuda.max_memory_allocated() if cuda else common.peak_rss_bytes()
-        out[lay] = max(0, peak - base) / 2 ** 20
+            return torch.cuda.memory_allocated()
+        if not common.reset_peak_rss():
+            raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs): Linux >= 4.0 needed")
+        return common.rss_bytes()
+
+    def peak(base: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+            return max(0, torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        return max(0, common.peak_rss_bytes() - base) / 2 ** 20
+
+    for lay in data.layouts:
+        train_epoch(lay, model, opt, loss_fn, batches[lay][:1], args.device)  # AdamW state
+        res = {"forward": 0.0, "fwd_bwd": 0.0, "step": 0.0}
+        for b in batches[lay]:
+            gc.collect()
+            base = start()
+            loss = loss_of(lay, model, loss_fn, b)
+            res["forward"] = max(res["forward"], peak(base))
+            loss.backward()
+            res["fwd_bwd"] = max(res["fwd_bwd"], peak(base))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss
+            res["step"] = max(res["step"], peak(base))
+        out[lay] = res
     del model, opt
     gc.collect()
     return out
@@ -415,7 +435,9 @@ def finish(cfg: dict[str, Any], spec: ModelSpec, memory: dict[str, float],
             "achieved_flops": r["flops"] / med,
             "useful_flops": useful / med,
             "useful_fraction_of_matmul": useful / med / mm["median_flops"],
-            "peak_step_memory_mib": memory.get(lay),
+            "peak_step_memory_mib": memory.get(lay, {}).get("step"),
+            "peak_fwd_bwd_memory_mib": memory.get(lay, {}).get("fwd_bwd"),
+            "peak_forward_memory_mib": memory.get(lay, {}).get("forward"),
             "first_step_loss": r["first_step_loss"],
             "first_step_loss_abs_diff_vs_padded": r["first_step_loss_abs_diff_vs_padded"],
             "speedup_vs_padded": common.ratio_stats(times["padded"], times[lay]),
@@ -423,8 +445,10 @@ def finish(cfg: dict[str, Any], spec: ModelSpec, memory: dict[str, float],
             "tokens_vs_padded": r["computed_tokens"] / cfg["layouts"]["padded"]["computed_tokens"],
             "tokens_vs_packed": r["computed_tokens"] / cfg["layouts"]["packed"]["computed_tokens"],
         }
-        if memory.get(lay) is not None and memory.get("padded"):
-            row["memory_vs_padded"] = memory[lay] / max(memory["padded"], 1e-9)
+        if memory.get(lay) and memory.get("padded"):
+            row["memory_vs_padded"] = memory[lay]["step"] / max(memory["padded"]["step"], 1e-9)
+            row["fwd_bwd_memory_vs_padded"] = (memory[lay]["fwd_bwd"]
+                                               / max(memory["padded"]["fwd_bwd"], 1e-9))
         rows.append(row)
     return rows
 
@@ -447,7 +471,7 @@ def markdown(result: dict[str, Any]) -> str:
     cols = [("data", "data"), ("model", "model"), ("layout", "layout"),
             ("ctok", "tokens computed"), ("pad", "pad %"), ("step", "step s (min/med/max)"),
             ("cps", "pairs/s"), ("tps", "real tok/s"), ("gf", "achieved GFLOP/s"),
-            ("ugf", "useful GFLOP/s"), ("mem", "peak step MiB"),
+            ("ugf", "useful GFLOP/s"), ("memfb", "peak fwd+bwd MiB"), ("mem", "peak step MiB"),
             ("spd", "speed-up vs padded"), ("spk", "vs packed"), ("dl", "|Δ loss₀|")]
     rows = []
     for c in result["configs"]:
@@ -460,6 +484,8 @@ def markdown(result: dict[str, Any]) -> str:
                 "cps": f"{r['comparisons_per_s']:.1f}", "tps": f"{r['real_tokens_per_s']:,.0f}",
                 "gf": f"{r['achieved_flops'] / 1e9:.1f}", "ugf": f"{r['useful_flops'] / 1e9:.1f}",
                 "mem": "" if r["peak_step_memory_mib"] is None else f"{r['peak_step_memory_mib']:.0f}",
+                "memfb": ("" if r["peak_fwd_bwd_memory_mib"] is None
+                          else f"{r['peak_fwd_bwd_memory_mib']:.0f}"),
                 "spd": common.fmt_ratio(r["speedup_vs_padded"]),
                 "spk": common.fmt_ratio(r["speedup_vs_packed"]),
                 "dl": f"{r['first_step_loss_abs_diff_vs_padded']:.1e}",
@@ -596,7 +622,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                        "steps" if dev == "cuda" else
                                        "VmHWM - VmRSS of a worker process with "
                                        f"MALLOC_MMAP_THRESHOLD_={common.MMAP_THRESHOLD}, after a "
-                                       "warm-up step (model and AdamW state excluded)")},
+                                       "warm-up step (model and AdamW state excluded); max over "
+                                       "steps; fwd+bwd: forward and backward (gradients "
+                                       "included); step: + the AdamW update")},
         "model_specs": {m: MODELS[m].as_dict() for m in args.models},
         "data_sets": {d: specs[d].description for d in dict.fromkeys(d for d, _ in jobs)},
         "skipped": skipped,

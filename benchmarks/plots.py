@@ -88,10 +88,10 @@ def sweep_plot(result: dict[str, Any], path: Path) -> Path | None:
             style = dict(color=COLORS[lay], marker="o", ls="-" if m == models[0] else "--",
                          label=f"{lay} ({m})")
             axes[0].plot(lengths, [r["real_tokens_per_s"] for r in rows], **style)
-            mem = [r["peak_step_memory_mib"] for r in rows]
+            mem = [r.get("peak_fwd_bwd_memory_mib") for r in rows]
             if all(v is not None for v in mem):
                 axes[1].plot(lengths, mem, **style)
-    for ax, t in ((axes[0], "real tokens / s"), (axes[1], "peak step memory (MiB)")):
+    for ax, t in ((axes[0], "real tokens / s"), (axes[1], "peak fwd+bwd memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("median sequence length (tokens)")
         ax.set_title(t, fontsize=9)

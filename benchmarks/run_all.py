@@ -109,8 +109,9 @@ def headline_table(e2e: dict) -> str:
     """One line per (data set, model, layout): the numbers a user decides on."""
     cols = [("data", "data"), ("model", "model"), ("layout", "layout"),
             ("ctok", "tokens computed"), ("pad", "padding"), ("step", "step time (median)"),
-            ("tps", "real tokens/s"), ("ugf", "useful GFLOP/s"), ("mem", "peak step memory"),
-            ("spd", "speed-up vs padded"), ("memr", "memory vs padded")]
+            ("tps", "real tokens/s"), ("ugf", "useful GFLOP/s"),
+            ("memfb", "peak memory fwd+bwd"), ("mem", "peak memory step"),
+            ("spd", "speed-up vs padded"), ("memr", "fwd+bwd memory vs padded")]
     rows = []
     for c in e2e["configs"]:
         if c["data"].startswith("sweep_"):
@@ -125,7 +126,10 @@ def headline_table(e2e: dict) -> str:
                 "ugf": f"{r['useful_flops'] / 1e9:.1f}",
                 "mem": "" if mem is None else f"{mem:.0f} MiB",
                 "spd": common.fmt_ratio(r["speedup_vs_padded"]),
-                "memr": "" if r.get("memory_vs_padded") is None else f"{r['memory_vs_padded']:.2f}x",
+                "memfb": ("" if r.get("peak_fwd_bwd_memory_mib") is None
+                          else f"{r['peak_fwd_bwd_memory_mib']:.0f} MiB"),
+                "memr": ("" if r.get("fwd_bwd_memory_vs_padded") is None
+                         else f"{r['fwd_bwd_memory_vs_padded']:.2f}x"),
             })
     return common.md_table(rows, cols, align_right={k for k, _ in cols[3:]})
 
@@ -292,6 +296,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "run; pass the same --quick setting")
         run = prev["steps"]
     else:
+        if args.only and summary_path.is_file():
+            prev = json.loads(summary_path.read_text())
+            if prev.get("quick") == args.quick:
+                run = prev["steps"]  # keep the other benchmarks' latest runs
         for name, cmd, outputs in steps(args):
             run[name] = _run(name, cmd, env, logs / f"{name}{sfx}.log")
             run[name]["outputs"] = [str(o.relative_to(HERE.parent)) for o in outputs if o.is_file()]
