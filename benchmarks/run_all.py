@@ -187,6 +187,41 @@ def grouped_table(e2e: dict) -> tuple[str, list[dict]]:
     return common.md_table(rows, cols, align_right={k for k, _ in cols[3:]}), raw
 
 
+def readme_block(e2e: dict, pngs: list[str], command: str) -> str:
+    """The compact block for the top-level README: speed-up of every layout over padded per
+    (data set, model), with tokens computed and forward+backward memory relative to padded."""
+    layouts = ("packed", "packed+prefix", "grouped")
+    rows = []
+    for c in e2e["configs"]:
+        if c["data"].startswith("sweep_"):
+            continue
+        pd = _row(c, "padded")
+        row = {"data": c["data"], "model": c["model"], "pad": f"{100 * pd['pad_fraction']:.0f} %",
+               "tps": f"{pd['real_tokens_per_s']:,.0f}"}
+        best = max((r for r in c["rows"]), key=lambda r: r["speedup_vs_padded"]["median"])
+        for lay in layouts:
+            r = _row(c, lay)
+            row[lay] = "" if r is None else (
+                f"{common.fmt_ratio(r['speedup_vs_padded'])}, tokens {r['tokens_vs_padded']:.2f}x"
+                + ("" if r.get("fwd_bwd_memory_vs_padded") is None
+                   else f", mem {r['fwd_bwd_memory_vs_padded']:.2f}x"))
+        row["best"] = f"{best['real_tokens_per_s']:,.0f} ({best['layout']})"
+        rows.append(row)
+    cols = [("data", "data"), ("model", "model"), ("pad", "padding (padded)"),
+            ("tps", "padded real tok/s"), *[(lay, lay) for lay in layouts],
+            ("best", "best real tok/s")]
+    info, s = e2e["machine"], e2e["settings"]
+    head = (f"Measured on {common.machine_line(info)} with `{command}` ({s['device']}, "
+            f"{s['dtype']}, {s['steps']} optimizer steps x {s['pairs_per_step']} comparisons per "
+            f"layout and repeat, {s['repeats']} interleaved repeats). Cells: training-step speed-up "
+            "over the padded baseline, median (min-max) of per-repeat ratios; tokens computed and "
+            "peak forward+backward memory relative to padded. Every layout's first-step loss "
+            "equals padded's (same pairs, same weights).")
+    lines = [head, "", common.md_table(rows, cols, align_right={k for k, _ in cols[2:]}), ""]
+    lines += [f"![{Path(p).stem}]({p})" for p in pngs]
+    return "\n".join(lines) + "\n"
+
+
 def summarize(args, run: dict[str, dict], info: dict, wall: float) -> dict[str, Any]:
     """summary.json / summary.md from the JSON files this run wrote."""
     sfx = "_quick" if args.quick else ""
@@ -223,6 +258,9 @@ def summarize(args, run: dict[str, dict], info: dict, wall: float) -> dict[str, 
         md += ["Data sets: " + "; ".join(f"`{k}`: {v}" for k, v in e2e["data_sets"].items()), ""]
         if e2e.get("skipped"):
             md += ["Skipped: " + "; ".join(f"`{k}`: {v}" for k, v in e2e["skipped"].items()), ""]
+        block = readme_block(e2e, [p for p in pngs if f"e2e_{dev}" in p],
+                             f"python benchmarks/run_all.py{' --quick' if args.quick else ''}")
+        (RESULTS / f"readme_block_{dev}.md").write_text(block)
         summary["issue9_prefix_sharing"] += [{**x, "device": dev} for x in raw9]
         summary["issue14_grouped"] += [{**x, "device": dev} for x in raw14]
         summary[f"e2e_{dev}"] = {"file": str(path.relative_to(HERE.parent)),
