@@ -434,9 +434,15 @@ def write_report(result: dict[str, Any], stem: Path) -> None:
                     mem = f"{fr['summary']['peak_rss_gib'] / trl['summary']['peak_rss_gib']:.2f}x"
                 fl = lp["fastrm_left_prompt"]
                 lines.append(_fmt_row(ds, f"fastrm {cfg}", ac, fr["summary"],
-                                      f"0 dropped ({fl['truncated_prompts']} prompts left-truncated"
-                                      f" with fastrm's policy)", ratio, mem))
-    lines += ["", "Loss agreement with TRL (same pairs, same steps): "]
+                                      f"{fl['dropped']} dropped, {fl['truncated_prompts']} "
+                                      "prompts left-truncated (*)", ratio, mem))
+    lines += ["", "(*) fastrm's length policy (``truncation=\"left_prompt\"`` at the same bound) over "
+              "the whole set: a pair is dropped only when a response alone is too long. The timed "
+              "steps of both sides hold the same pairs (those TRL keeps), so the ratios compare "
+              "the same work. Tokens computed: TRL `2B x L_max` (padding included), fastrm the "
+              "packed row (prompts once per pair or group with prefix sharing); real tokens are "
+              "the pairs' full sequences on both sides.",
+              "", "Loss agreement with TRL (same pairs, same steps): "]
     for ds, r in result["datasets"].items():
         for key, chk in r.get("loss_check", {}).items():
             lines.append(f"- {ds} {key}: first step |dloss| {chk['max_abs_diff_first']:.2e}, "
@@ -502,6 +508,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--min-free-gib", type=float, default=1.5)
     ap.add_argument("--run-timeout", type=float, default=1800)
     ap.add_argument("--out", default=None, help="output stem (default results/trl_<mode>)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the .md and .png from the stem's existing .json")
     # worker mode (internal)
     ap.add_argument("--worker", choices=("trl", "fastrm"), default=None)
     ap.add_argument("--plan", default=None)
@@ -520,6 +528,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         Path(args.out).write_text(json.dumps(res))
         return 0
 
+    if args.report_only:
+        stem = Path(args.out) if args.out else RESULTS / f"trl_{args.mode}"
+        write_report(json.loads(stem.with_suffix(".json").read_text()), stem)
+        print(stem.with_suffix(".md").read_text())
+        return 0
     try:
         from trl_peer import trl_versions
         versions = trl_versions()
