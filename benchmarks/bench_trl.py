@@ -249,10 +249,11 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
     dtype = getattr(torch, spec["dtype"])
     t_load = time.perf_counter()
     model = reward_model("fastrm.models.smollm2.smollm2_135m")
-    ckpt = FullModelHFCheckpointer(checkpoint_dir=plan["checkpoint_dir"],
-                                   checkpoint_files=["model.safetensors"], model_type="LLAMA3_2",
-                                   output_dir=tempfile.mkdtemp(prefix="fastrm_bench_ckpt_"))
-    load_base_weights(model, ckpt.load_checkpoint()["model"])
+    with tempfile.TemporaryDirectory(prefix="fastrm_bench_ckpt_") as out_dir:  # never written
+        ckpt = FullModelHFCheckpointer(checkpoint_dir=plan["checkpoint_dir"],
+                                       checkpoint_files=["model.safetensors"],
+                                       model_type="LLAMA3_2", output_dir=out_dir)
+        load_base_weights(model, ckpt.load_checkpoint()["model"])
     with torch.no_grad():
         model.head.weight.copy_(plan["head_weight"])
         model.head.bias.zero_()
@@ -599,6 +600,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["machine"]["load_avg_end"] = os.getloadavg()
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
         write_report(result, stem)
+    import shutil
+    shutil.rmtree(work, ignore_errors=True)  # plans and per-run JSON, all copied into result
     result["machine"]["load_avg_end"] = os.getloadavg()
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     write_report(result, stem)

@@ -32,6 +32,7 @@ Run through ``bench_trl.py`` (one subprocess per run, so peak RSS is this run's 
 from __future__ import annotations
 
 import resource
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -163,7 +164,10 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
             raise RuntimeError(f"TRL's tokens of pair {k} (row {p['row']}) differ from the plan's")
     load_s = time.perf_counter() - t_load
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # save_strategy="no": nothing to keep
     checkpointing_on = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
     if checkpointing_on != gradient_checkpointing:
         raise RuntimeError(f"asked for gradient checkpointing={gradient_checkpointing}, the model "
