@@ -35,6 +35,7 @@ comparisons (duplicates kept once, contradictions dropped; both counted).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 from torch.utils.data import Dataset
@@ -424,7 +425,7 @@ def unpaired_preference_dataset(
                              split=split, max_seq_len=max_seq_len, truncation=truncation, **kw)
 
 
-def default_shared_data_dir() -> "Path":
+def default_shared_data_dir() -> Path:
     """``$FASTRM_SHARED_DATA`` or ``../shared/data`` beside the repository checkout."""
     import os
     from pathlib import Path

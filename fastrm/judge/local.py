@@ -29,7 +29,6 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules.common_utils import delete_kv_caches, local_kv_cache
 

@@ -24,17 +24,15 @@ position and RNG state) for exact resume with ``resume_from_checkpoint=True``.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fastrm.judge.cli import CONFIG_DIR, main_generate, main_judge
-from fastrm.judge.store import read_rows, sidecar
+from fastrm.judge.store import read_rows
 
 TINY_BACKEND = """
 backends:

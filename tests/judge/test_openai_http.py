@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -50,6 +49,12 @@ class Scripted(BaseHTTPRequestHandler):
             status, payload, delay = srv.script.pop(0) if srv.script else srv.default
         try:
             time.sleep(delay)
+        finally:
+            # count the request as finished before replying: once the reply is out, the client
+            # may send its next request before this thread would run a later decrement
+            with srv.lock:
+                srv.inflight -= 1
+        try:
             data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -60,9 +65,6 @@ class Scripted(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        finally:
-            with srv.lock:
-                srv.inflight -= 1
 
     def log_message(self, *a):
         pass

@@ -5,7 +5,6 @@ fail before training with the key named."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -195,7 +194,6 @@ def test_hf_checkpoint_saved_by_the_recipe_loads_back(tmp_path):
     from torchtune.models.convert_weights import tune_to_hf
     from torchtune.training import FullModelHFCheckpointer
 
-    from fastrm.data import collate_packed
     from fastrm.models import load_base_weights, load_head, tiny_llama3, tiny_llama3_reward_model
 
     arch = dict(vocab_size=261, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
