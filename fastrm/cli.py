@@ -9,7 +9,8 @@
     fastrm decompose --config ...               PCA basis reward heads (decomposed reward models)
 
 ``fastrm train`` runs the same recipe file as ``tune run fastrm/recipes/reward_model.py``: in
-this process for one rank, through ``tune run --nproc_per_node N`` (torchrun) for several.
+this process for one rank, through torchrun (as ``tune run --nproc_per_node N`` does) for
+several, from any working directory.
 """
 
 from __future__ import annotations
@@ -82,8 +83,11 @@ def _cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     cfg = resolve_config(args.config)
     recipe = recipe_path(args.recipe)
     if args.nproc_per_node > 1:
-        cmd = ["tune", "run", "--nproc_per_node", str(args.nproc_per_node), str(recipe),
-               "--config", str(cfg), *overrides]
+        # torchrun on the recipe *module* (what `tune run --nproc_per_node` does with a path
+        # relative to the working directory), so this works from any directory
+        module = f"fastrm.recipes.{RECIPES[args.recipe][0][:-3]}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+               str(args.nproc_per_node), "-m", module, "--config", str(cfg), *overrides]
         return subprocess.call(cmd)
     from fastrm.recipes.reward_model import recipe_main
 
