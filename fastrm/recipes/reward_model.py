@@ -276,13 +276,16 @@ class RewardModelRecipe:
                 "val_accuracy": stats.get("accuracy"), "step": self.global_step,
                 "note": "normalize rewards as (r - reward_mean) / reward_std",
             }, indent=2))
-            trainable = {n for n, p in self.step_module.model.named_parameters() if p.requires_grad}
+            # parameter names as the state dict spells them (activation checkpointing wraps
+            # layers; the wrapper's prefix is not part of state-dict keys)
+            trainable = {n.replace("._checkpoint_wrapped_module", "")
+                         for n, p in self.step_module.model.named_parameters() if p.requires_grad}
             state = {
                 "trainable_model": {k: v for k, v in model_sd.items() if k in trainable or k.startswith("head.")},
                 "optimizer": opt_sd,
                 "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
                 "global_step": self.global_step,
-                "epochs_run": self.epochs_run if epoch_done else self.epochs_run,
+                "epochs_run": self.epochs_run,
                 "step_in_epoch": 0 if epoch_done else self.step_in_epoch,
                 "seed": self.seed,
                 "history": self.history,

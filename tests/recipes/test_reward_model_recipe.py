@@ -75,8 +75,10 @@ def test_loss_falls_and_checkpoint_is_complete(tmp_path):
         torch.testing.assert_close(v, dec_sd[k].cpu())
 
 
-def test_resume_reproduces_uninterrupted_losses(tmp_path):
-    common = {"max_steps_per_epoch": 6, "epochs": 2, "packing.rows_per_step": 2}
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, activation_checkpointing):
+    common = {"max_steps_per_epoch": 6, "epochs": 2, "packing.rows_per_step": 2,
+              "enable_activation_checkpointing": activation_checkpointing}
     full = run_recipe(tiny_cfg(tmp_path / "full", **common))
     # the same run with a checkpoint every 3 steps, killed right after the one at step 9
     part_cfg = tiny_cfg(tmp_path / "part", save_every_n_steps=3, **common)
