@@ -270,51 +270,51 @@ def loss_normalizer(loss_fn: RewardLoss, batch: PackedBatch) -> float:
     return float(batch.num_comparisons)
 
 
+def comparison_sums(rewards: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Additive per-batch statistics (float64, reducible over micro-batches and ranks):
+    ``[correct comparisons, sum of r_c - r_r, comparisons, sum r, sum r^2, rewards]``."""
+    r = rewards.detach().double().cpu()
+    diff = r[batch.chosen_index.cpu()] - r[batch.rejected_index.cpu()]
+    return torch.tensor([float((diff > 0).sum()), float(diff.sum()), float(diff.numel()),
+                         float(r.sum()), float((r * r).sum()), float(r.numel())],
+                        dtype=torch.float64)
+
+
+def metrics_from_sums(s: torch.Tensor) -> dict[str, float]:
+    """Accuracy, mean margin, reward mean/std and comparison count from summed
+    :func:`comparison_sums`."""
+    count, nr = max(s[2].item(), 1.0), max(s[5].item(), 1.0)
+    mean = s[3].item() / nr
+    return {"accuracy": s[0].item() / count, "margin": s[1].item() / count,
+            "reward_mean": mean, "reward_std": max(s[4].item() / nr - mean * mean, 0.0) ** 0.5,
+            "comparisons": s[2].item()}
+
+
 class StepAccumulator:
     """Sums per-comparison statistics over the micro-batches of one optimizer step; reduces
     them over ranks when the step's metrics are asked for."""
 
     def __init__(self) -> None:
-        self.loss_sum = 0.0
         self.normalizer = 0.0
-        self.stats = torch.zeros(7, dtype=torch.float64)
-        self.tokens = 0.0
-        self.computed_tokens = 0.0
+        # comparison_sums, then the loss sum, real tokens and computed tokens
+        self.sums = torch.zeros(9, dtype=torch.float64)
 
     def add(self, loss_sum: torch.Tensor, rewards: torch.Tensor, batch: PackedBatch, n: float) -> None:
-        r = rewards.detach().double().cpu()
-        ci, ri = batch.chosen_index.cpu(), batch.rejected_index.cpu()
-        diff = r[ci] - r[ri]
-        self.loss_sum += float(loss_sum)
         self.normalizer += n
-        self.stats += torch.tensor([
-            float((diff > 0).sum()), float(diff.sum()), float(ci.numel()),
-            float(r.sum()), float((r * r).sum()), float(r.numel()), 0.0,
-        ], dtype=torch.float64)
-        self.tokens += batch.num_real_tokens + batch.prompt_tokens_saved
-        self.computed_tokens += batch.num_tokens
+        self.sums[:6] += comparison_sums(rewards, batch)
+        self.sums[6] += float(loss_sum)
+        self.sums[7] += batch.num_real_tokens + batch.prompt_tokens_saved
+        self.sums[8] += batch.num_tokens
 
     def metrics(self, device: torch.device, n_global: float, elapsed: float) -> dict[str, float]:
-        s = self.stats.clone().to(device)
-        s[6] = self.loss_sum
-        extra = torch.tensor([self.tokens, self.computed_tokens], dtype=torch.float64, device=device)
-        all_reduce_tensor(s)
-        all_reduce_tensor(extra)
-        s, extra = s.cpu(), extra.cpu()
-        count, nr = max(s[2].item(), 1.0), max(s[5].item(), 1.0)
-        mean = s[3].item() / nr
-        var = max(s[4].item() / nr - mean * mean, 0.0)
+        s = all_reduce_tensor(self.sums.clone().to(device)).cpu()
         return {
             "loss": s[6].item() / max(n_global, 1e-12),
-            "accuracy": s[0].item() / count,
-            "margin": s[1].item() / count,
-            "reward_mean": mean,
-            "reward_std": var ** 0.5,
-            "comparisons": s[2].item(),
+            **metrics_from_sums(s[:6]),
             # "real" tokens: the tokens of every pair as a plain trainer would see them;
             # computed tokens: what the model actually ran (fewer with prefix sharing).
-            "tokens_per_second": extra[0].item() / max(elapsed, 1e-9),
-            "computed_tokens_per_second": extra[1].item() / max(elapsed, 1e-9),
+            "tokens_per_second": s[7].item() / max(elapsed, 1e-9),
+            "computed_tokens_per_second": s[8].item() / max(elapsed, 1e-9),
             "step_time": elapsed,
         }
 
@@ -333,7 +333,8 @@ def evaluate(step_module: nn.Module, loss_fn: RewardLoss, data, device: torch.de
     """Runs every validation step (all ranks run the same number of forwards; a rank with no
     rows left re-runs a row and ignores it) and returns accuracy, mean margin, loss, reward
     mean/std, and ``category/<name>`` accuracies when the data has categories."""
-    totals = torch.zeros(6, dtype=torch.float64)
+    # comparison_sums, then the loss times its normalizer (as in training) and the normalizers
+    totals = torch.zeros(8, dtype=torch.float64)
     categories: dict[str, list[float]] = {}
     total = data.num_eval_steps() if max_steps is None else min(int(max_steps), data.num_eval_steps())
     steps = itertools.islice(data.eval_steps(), total)
@@ -343,26 +344,21 @@ def evaluate(step_module: nn.Module, loss_fn: RewardLoss, data, device: torch.de
         loss, rewards = step_module(batch)
         if not real:
             continue
-        r = rewards.double().cpu()
+        n = loss_normalizer(loss_fn, batch)
+        totals[:6] += comparison_sums(rewards, batch)
+        totals[6] += float(loss) * n
+        totals[7] += n
+        if len(cats) != batch.num_comparisons:
+            raise RuntimeError(f"{len(cats)} categories for {batch.num_comparisons} comparisons")
+        r = rewards.detach().double().cpu()
         diff = r[batch.chosen_index.cpu()] - r[batch.rejected_index.cpu()]
-        totals += torch.tensor([float((diff > 0).sum()), float(diff.sum()), float(diff.numel()),
-                                float(loss) * diff.numel(), float(r.sum()), float((r * r).sum())],
-                               dtype=torch.float64)
-        if len(cats) != diff.numel():
-            raise RuntimeError(f"{len(cats)} categories for {diff.numel()} comparisons")
         for name, d in zip(cats, diff.tolist()):
             if name is not None:
                 c = categories.setdefault(name, [0.0, 0.0])
                 c[0] += float(d > 0)
                 c[1] += 1.0
-    n_rewards = torch.tensor([float(totals[2]) * 2], dtype=torch.float64)
-    t = all_reduce_tensor(torch.cat([totals, n_rewards]).to(device)).cpu()
-    n = max(t[2].item(), 1.0)
-    mean = t[4].item() / max(t[6].item(), 1.0)
-    out = {"accuracy": t[0].item() / n, "margin": t[1].item() / n, "loss": t[3].item() / n,
-           "reward_mean": mean,
-           "reward_std": max(t[5].item() / max(t[6].item(), 1.0) - mean * mean, 0.0) ** 0.5,
-           "comparisons": t[2].item()}
+    t = all_reduce_tensor(totals.to(device)).cpu()
+    out = {**metrics_from_sums(t[:6]), "loss": t[6].item() / max(t[7].item(), 1e-12)}
     names = sorted(categories)
     if dist.is_initialized():
         gathered: list = [None] * dist.get_world_size()

@@ -235,3 +235,43 @@ def test_hf_checkpoint_saved_by_the_recipe_loads_back(tmp_path):
     batch = data.packed[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded.rewards(batch), trained.rewards(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_on_grouped_data_matches_direct_computation(tmp_path):
+    """Eval statistics over groups of K > 2 responses: reward mean/std over every scored
+    response (N != 2P), accuracy and margin per comparison, loss with the training normalizer."""
+    from fastrm import RewardLoss
+    from fastrm.data.tokenizer import ByteChatTokenizer
+    from fastrm.datasets import synthetic_preference_dataset
+    from fastrm.models import tiny_llama3_reward_model
+    from fastrm.recipes.reward_model import RewardModelStep
+    from fastrm.recipes.runtime import StepData, evaluate
+
+    torch.manual_seed(0)
+    groups = synthetic_preference_dataset(ByteChatTokenizer(), split="validation", num_prompts=120,
+                                          responses_per_prompt=4, length_scale=0.15,
+                                          max_seq_len=256, progress=False)
+    data = StepData(groups, OmegaConf.create({"max_seq_len": 1024, "rows_per_step": 1}),
+                    world_size=1, rank=0, seed=0, train=False)
+    model = tiny_llama3_reward_model(vocab_size=261, max_seq_len=2048)
+    loss_fn = RewardLoss(weighting="group")
+    step = RewardModelStep(model, loss_fn).eval()
+    with torch.no_grad():
+        got = evaluate(step, loss_fn, data, torch.device("cpu"), show_progress=False)
+        rewards, diffs, loss_sum, groups_seen = [], [], 0.0, 0
+        for i in range(len(data.packed)):
+            batch = data.packed[i]
+            r = model.rewards(batch).double()
+            rewards.append(r)
+            diffs.append(r[batch.chosen_index] - r[batch.rejected_index])
+            g = int(batch.group_index.unique().numel())
+            loss_sum += float(loss_fn.comparison_loss(r, batch.chosen_index, batch.rejected_index,
+                                                      group_index=batch.group_index)) * g
+            groups_seen += g
+    r, d = torch.cat(rewards), torch.cat(diffs)
+    assert r.numel() != 2 * d.numel()
+    assert got["reward_mean"] == pytest.approx(r.mean().item(), rel=1e-5, abs=1e-7)
+    assert got["reward_std"] == pytest.approx(r.std(unbiased=False).item(), rel=1e-4)
+    assert got["accuracy"] == pytest.approx((d > 0).double().mean().item())
+    assert got["margin"] == pytest.approx(d.mean().item(), rel=1e-5, abs=1e-7)
+    assert got["loss"] == pytest.approx(loss_sum / groups_seen, rel=1e-5)
