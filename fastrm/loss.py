@@ -154,10 +154,10 @@ class RewardLoss(nn.Module):
         return margin
 
     def _comparison_weight(self, group_index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if self.weighting == "comparison" or group_index is None:
-            if self.weighting == "group" and group_index is None:
-                raise ValueError("weighting='group' needs group_index (one group id per comparison)")
+        if self.weighting == "comparison":
             return None
+        if group_index is None:
+            raise ValueError("weighting='group' needs group_index (one group id per comparison)")
         _, inverse, counts = torch.unique(group_index, return_inverse=True, return_counts=True)
         return 1.0 / counts[inverse].double()  # cast to the rewards dtype downstream
 
