@@ -70,6 +70,7 @@ def reward_model(
     head_init_std: Optional[float] = None,
     head_checkpoint: Optional[str] = None,
     attention_backend: Optional[str] = None,
+    fused_ops: bool = True,
     **builder_kwargs,
 ) -> RewardModel:
     """A :class:`RewardModel` around a torchtune decoder.
@@ -80,11 +81,14 @@ def reward_model(
         head_init_std: std of the fresh head (default ``1 / sqrt(D + 1)``).
         head_checkpoint: file with ``head.weight`` / ``head.bias`` to load instead.
         attention_backend: packed attention backend (``None``: automatic).
+        fused_ops: lean RMSNorm / SwiGLU / RoPE modules (:mod:`fastrm.models.fused`; default);
+            ``False`` keeps torchtune's own modules.
     """
     model = RewardModel(
         _build_decoder(decoder, builder_kwargs),
         head_init_std=head_init_std,
         attention_backend=attention_backend,
+        fused_ops=fused_ops,
     )
     if head_checkpoint is not None:
         load_head(model, head_checkpoint)
@@ -101,6 +105,7 @@ def lora_reward_model(
     head_init_std: Optional[float] = None,
     head_checkpoint: Optional[str] = None,
     attention_backend: Optional[str] = None,
+    fused_ops: bool = True,
     set_trainable: bool = True,
     **builder_kwargs,
 ) -> RewardModel:
@@ -132,6 +137,7 @@ def lora_reward_model(
         head_init_std=head_init_std,
         head_checkpoint=head_checkpoint,
         attention_backend=attention_backend,
+        fused_ops=fused_ops,
         **kwargs,
     )
     if set_trainable:
@@ -211,9 +217,14 @@ def tiny_lora_llama3(
 
 
 def tiny_llama3_reward_model(
-    *, head_init_std: Optional[float] = None, attention_backend: Optional[str] = None, **kwargs
+    *,
+    head_init_std: Optional[float] = None,
+    attention_backend: Optional[str] = None,
+    fused_ops: bool = True,
+    **kwargs,
 ) -> RewardModel:
     """``reward_model(tiny_llama3(**kwargs))``: a complete tiny reward model in one component."""
     return reward_model(
-        tiny_llama3(**kwargs), head_init_std=head_init_std, attention_backend=attention_backend
+        tiny_llama3(**kwargs), head_init_std=head_init_std, attention_backend=attention_backend,
+        fused_ops=fused_ops,
     )

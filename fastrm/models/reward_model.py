@@ -72,6 +72,9 @@ class RewardModel(nn.Module):
         attention_backend: attention backend for packed batches (``None`` / ``"auto"``,
             ``"flash_attn"``, ``"torch_varlen"``, ``"flex"``, ``"sdpa_segments"``, ``"reference"``);
             the env var ``FASTRM_ATTENTION_BACKEND`` applies when this is ``None``.
+        fused_ops: replace torchtune's RMSNorm, SwiGLU MLP and RoPE modules with the lean
+            ones of :mod:`fastrm.models.fused` (same parameters and math, about half the
+            activation memory; default). ``False`` keeps torchtune's modules.
 
     State-dict keys: ``decoder.*`` (torchtune names under ``decoder.``), ``head.weight [1, D]``,
     ``head.bias [1]``.
@@ -84,6 +87,7 @@ class RewardModel(nn.Module):
         *,
         head_init_std: Optional[float] = None,
         attention_backend: Optional[str] = None,
+        fused_ops: bool = True,
     ) -> None:
         super().__init__()
         from torchtune.modules import TransformerDecoder
@@ -95,6 +99,11 @@ class RewardModel(nn.Module):
         # The LM projection (vocab x D, possibly tied to the embeddings) is never evaluated.
         decoder.output = nn.Identity()
         enable_varlen_attention(decoder)
+        self.fuse_report = None
+        if fused_ops:
+            from fastrm.models.fused import fuse_layers
+
+            self.fuse_report = fuse_layers(decoder)
         self.decoder = decoder
         self.embed_dim = int(decoder.tok_embeddings.embedding_dim)
         if head is None:
