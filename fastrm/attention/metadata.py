@@ -95,6 +95,35 @@ class KeyGather:
 
 
 @dataclass
+class CpuFlashPlan:
+    """Segment table and key groups for the native CPU kernels (``cpu_flash`` backend).
+
+    A key group is a set of segments that share key tokens (a prompt segment and the response
+    segments that use it as prefix; a segment alone otherwise), so that the kernel's tasks
+    (group, kv head) write disjoint rows of dK / dV.
+
+    Attributes (CPU int64):
+        segments: ``[S, 4]`` per segment ``(query start, query length, prefix start, prefix
+            length)``.
+        group_offsets: ``[G + 1]``; group ``g``'s segments are
+            ``group_segments[group_offsets[g]:group_offsets[g + 1]]``.
+        group_segments: ``[S]`` segment indices, group by group, in token order.
+        group_rows: ``[G]`` tokens owned by each group.
+        token_local: ``[T]`` row of each token within its group.
+    """
+
+    segments: torch.Tensor
+    group_offsets: torch.Tensor
+    group_segments: torch.Tensor
+    group_rows: torch.Tensor
+    token_local: torch.Tensor
+
+    def as_args(self) -> tuple[torch.Tensor, ...]:
+        return (self.segments, self.group_offsets, self.group_segments, self.group_rows,
+                self.token_local)
+
+
+@dataclass
 class VarlenMetadata:
     """Boundaries of the segments of one packed row plus cached derived plans.
 
@@ -271,6 +300,64 @@ class VarlenMetadata:
             inverse,
         )
         self._cache["segment_plan"] = plan
+        return plan
+
+    def cpu_flash_plan(self) -> CpuFlashPlan:
+        """The segment table and key groups of the native CPU kernels (built once per step)."""
+        plan = self._cache.get("cpu_flash_plan")
+        if plan is not None:
+            return plan
+        starts, lens, pstart, plen = (x.cpu() for x in self._lengths())
+        n = int(lens.numel())
+        parent = list(range(n))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        if self.segment_prefix is not None:
+            cu = self.cu_seqlens.cpu().to(torch.int64)
+            # the segments whose own tokens a prefix [ps, ps + pl) covers: first..last by
+            # binary search over the boundaries
+            first = torch.searchsorted(cu[1:], pstart.contiguous(), right=True).tolist()
+            last = (torch.searchsorted(cu[:-1], (pstart + plen).contiguous(), right=False) - 1).tolist()
+            for s_, (pl, a, b) in enumerate(zip(plen.tolist(), first, last)):
+                if pl == 0:
+                    continue
+                for t in range(a, min(b, n - 1) + 1):
+                    parent[find(s_)] = find(t)
+        roots = [find(i) for i in range(n)]
+        order: dict[int, list[int]] = {}
+        for i, r in enumerate(roots):
+            order.setdefault(r, []).append(i)
+        groups = sorted(order.values(), key=lambda segs: segs[0])
+        members = [s_ for segs in groups for s_ in segs]
+        offsets = [0]
+        rows = []
+        lens_l = lens.tolist()
+        for segs in groups:
+            offsets.append(offsets[-1] + len(segs))
+            rows.append(sum(lens_l[s_] for s_ in segs))
+        # row of each token within its group: groups list their segments in token order
+        seg_base = [0] * n
+        for segs in groups:
+            acc = 0
+            for s_ in segs:
+                seg_base[s_] = acc
+                acc += lens_l[s_]
+        seg_of_token = torch.repeat_interleave(torch.arange(n), lens)
+        token_local = (torch.arange(int(lens.sum())) - starts[seg_of_token]
+                       + torch.tensor(seg_base, dtype=torch.int64)[seg_of_token])
+        plan = CpuFlashPlan(
+            segments=torch.stack([starts, lens, pstart, plen], 1).contiguous(),
+            group_offsets=torch.tensor(offsets, dtype=torch.int64),
+            group_segments=torch.tensor(members, dtype=torch.int64),
+            group_rows=torch.tensor(rows, dtype=torch.int64),
+            token_local=token_local.contiguous(),
+        )
+        self._cache["cpu_flash_plan"] = plan
         return plan
 
     def key_gather(self) -> KeyGather:

@@ -18,18 +18,25 @@ Backends:
     ``torch.nn.attention.flex_attention`` with a block mask built from the segment metadata
     (block-sparse: blocks with no allowed pair are skipped). Compiled on CUDA; on CPU PyTorch
     runs it eagerly and forward-only (no backward), so it is never chosen automatically.
+``"cpu_flash"``
+    fastrm's native CPU kernels (``kernels/varlen_attention*.cpp``): FlashAttention-2's
+    algorithm in bf16 with AVX-512 BF16 dot products (fp32 scores and softmax, nothing of size
+    ``[L, L]`` stored), straight on the packed layout (prefixes included, GQA native). CPUs with
+    AVX512_BF16, bf16 inputs, head dims that are multiples of 16 up to 128 (or 256). The CPU
+    default where it runs.
 ``"sdpa_segments"``
     Exact per-segment SDPA on any device and dtype: segments with equal (query length, prefix
     length) are gathered into one batched SDPA call; no work is spent on pairs of tokens from
-    different segments. The CPU default.
+    different segments. The CPU default otherwise.
 ``"reference"``
     Dense ``[T, T]`` boolean mask from the metadata and explicit softmax; float64-friendly.
     ``O(T^2)``: a second implementation for tests, never chosen automatically.
 
 Choice: the ``backend`` argument, else the metadata's backend (model config), else the
 environment variable ``FASTRM_ATTENTION_BACKEND``, else automatic: ``flash_attn`` when
-importable, on CUDA and in fp16/bf16; ``torch_varlen`` on CUDA in fp16/bf16; ``sdpa_segments``
-otherwise.
+importable, on CUDA and in fp16/bf16; ``torch_varlen`` on CUDA in fp16/bf16; ``cpu_flash`` on
+CPU for bf16 when the native kernels run on this CPU (:func:`cpu_flash_unavailable_reason`);
+``sdpa_segments`` otherwise.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import torch.nn.functional as F
 
 from fastrm.attention.metadata import VarlenMetadata
 
-BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "sdpa_segments", "reference")
+BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "cpu_flash", "sdpa_segments", "reference")
 ENV_VAR = "FASTRM_ATTENTION_BACKEND"
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -69,6 +76,27 @@ def _torch_varlen_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def cpu_flash_unavailable_reason(q: torch.Tensor, k: Optional[torch.Tensor] = None,
+                                 dropout_p: float = 0.0) -> str:
+    """Why the ``cpu_flash`` backend cannot run these inputs (empty string when it can)."""
+    from fastrm import _native
+
+    if q.device.type != "cpu":
+        return f"cpu_flash runs on CPU tensors (q is on {q.device})"
+    if q.dtype != torch.bfloat16:
+        return f"cpu_flash takes bf16 (q is {q.dtype}); use sdpa_segments for other dtypes"
+    if not _native.has_op("varlen_attention_forward"):
+        return _native.unavailable_reason() or "fastrm._C lacks varlen_attention_forward: rebuild it"
+    if not torch.ops.fastrm.varlen_attention_supported():
+        return "this CPU lacks AVX-512 BF16 (or fastrm._C was built without it)"
+    d = q.shape[-1]
+    if d % 16 or not (d <= 128 or d == 256):
+        return f"cpu_flash needs a head dim that is a multiple of 16 up to 128 (or 256), got {d}"
+    if dropout_p:
+        return "cpu_flash has no attention dropout; set attn_dropout=0"
+    return ""
 
 
 def check_backend(name: Optional[str]) -> Optional[str]:
@@ -103,6 +131,8 @@ def select_backend(
             return "flash_attn"
         if _torch_varlen_available():
             return "torch_varlen"
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_flash_unavailable_reason(q):
+        return "cpu_flash"
     return "sdpa_segments"
 
 
@@ -157,6 +187,46 @@ def _sdpa_segments(
     if plan.inverse_index is not None:
         out = out.index_select(0, plan.inverse_index)
     return out
+
+
+class CpuFlashAttentionFunction(torch.autograd.Function):
+    """``out = attention(q [T, H, D], k, v [T, H_kv, D])`` over the packed layout by the native
+    CPU kernels; saves q, k, v, out and the per-row log-sum-exp ``[T, H]`` (fp32)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, plan) -> torch.Tensor:
+        out, lse = torch.ops.fastrm.varlen_attention_forward(q, k, v, *plan.as_args(), scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.plan = scale, plan
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.fastrm.varlen_attention_backward(
+            grad_out.to(q.dtype), q, k, v, out, lse, *ctx.plan.as_args(), ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _cpu_flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: VarlenMetadata,
+    dropout_p: float,
+    scale: Optional[float],
+) -> torch.Tensor:
+    """The native CPU kernels on the packed layout (see the module docstring)."""
+    reason = cpu_flash_unavailable_reason(q, k, dropout_p)
+    if reason:
+        raise RuntimeError(f"attention backend 'cpu_flash' cannot run: {reason}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # k / v may be views into torchtune's GQA-expanded copies: keep only the H_kv heads alive
+    # for the backward
+    k = k if k.is_contiguous() else k.contiguous()
+    v = v if v.is_contiguous() else v.contiguous()
+    return CpuFlashAttentionFunction.apply(q, k, v, scale, meta.cpu_flash_plan())
 
 
 def _reference(
@@ -312,6 +382,7 @@ def _flex(
 
 _IMPLS = {
     "flex": _flex,
+    "cpu_flash": _cpu_flash,
     "sdpa_segments": _sdpa_segments,
     "reference": _reference,
     "flash_attn": _flash_attn,
@@ -346,7 +417,7 @@ def varlen_attention(
         dropout_p: attention dropout probability (training only).
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` / ``None``, ``"flash_attn"``, ``"torch_varlen"``,
-            ``"flex"``, ``"sdpa_segments"`` or ``"reference"``.
+            ``"flex"``, ``"cpu_flash"``, ``"sdpa_segments"`` or ``"reference"``.
 
     Returns:
         ``[T, H, D]`` attention output, ``q``'s dtype.

@@ -203,7 +203,11 @@ def test_backend_selection(monkeypatch):
     q = torch.randn(4, 2, 8)
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert select_backend(q) == "sdpa_segments"
-    assert select_backend(q.bfloat16()) == "sdpa_segments"  # CPU: never a CUDA kernel
+    # CPU bf16: fastrm's native kernels where this CPU runs them, never a CUDA kernel
+    from fastrm.attention.varlen import cpu_flash_unavailable_reason
+
+    expect = "sdpa_segments" if cpu_flash_unavailable_reason(q.bfloat16()) else "cpu_flash"
+    assert select_backend(q.bfloat16()) == expect
     assert select_backend(q, "reference") == "reference"
     monkeypatch.setenv(ENV_VAR, "reference")
     assert select_backend(q) == "reference"
