@@ -10,8 +10,8 @@ non-pad token. Only the things the comparison must pin down are set explicitly:
 
 * the order of the pairs (``train_sampling_strategy="sequential"`` over a dataset already in the
   benchmark's order), so each TRL step holds exactly the pairs of the matching fastrm step;
-* the optimizer: a ``torch.optim.AdamW`` built here with the benchmark's lr, betas, eps and
-  weight decay over all parameters, with a constant schedule (``LambdaLR(1.0)``), gradient
+* the optimizer: a ``torch.optim.AdamW`` built by ``bench_trl.make_adamw`` (the benchmark's lr,
+  betas, eps, weight decay and implementation) over all parameters, with a constant schedule (``LambdaLR(1.0)``), gradient
   clipping at ``max_grad_norm``;
 * the reward head (``score.weight [1, D]``) copied from the benchmark's plan (the same values
   fastrm's head gets);
@@ -121,8 +121,8 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         seed=spec["seed"],
         disable_tqdm=True,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=tuple(spec["betas"]),
-                                  eps=spec["eps"], weight_decay=spec["weight_decay"])
+    from bench_trl import make_adamw
+    optimizer = make_adamw(model.parameters(), spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
     record: dict[str, list] = {"step_s": [], "loss": [], "tokens_computed": [],

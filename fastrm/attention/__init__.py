@@ -1,6 +1,7 @@
 """Packed variable-length causal attention (per sequence / per segment with shared prefix)."""
 
 from fastrm.attention.integration import (
+    PackedSelfAttention,
     VarlenAttentionCall,
     enable_varlen_attention,
     packed_metadata,
@@ -22,6 +23,7 @@ __all__ = [
     "KeyGather",
     "SegmentGroup",
     "SegmentPlan",
+    "PackedSelfAttention",
     "VarlenAttentionCall",
     "VarlenMetadata",
     "check_backend",

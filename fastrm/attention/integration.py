@@ -7,8 +7,13 @@ torchtune's :class:`~torchtune.modules.MultiHeadAttention` (0.6.x) projects, app
 hand ``mask`` down to every layer untouched. fastrm therefore:
 
 1. replaces each attention module's ``_attention_call`` (an instance attribute set in
-   ``MultiHeadAttention.__init__``) with :class:`VarlenAttentionCall`, and
-2. passes a :class:`~fastrm.attention.metadata.VarlenMetadata` as ``mask`` and the packed
+   ``MultiHeadAttention.__init__``) with :class:`VarlenAttentionCall`,
+2. gives each self-attention module a :class:`PackedSelfAttention` ``forward``: for packed
+   inputs it runs the same projections, RoPE and q / k norms straight in the flat ``[T, H, D]``
+   layout the varlen kernels take, without torchtune's transposes and without expanding k / v
+   to every query head (GQA kernels read the ``H_kv`` heads), and hands anything else to
+   torchtune's own ``forward``; and
+3. passes a :class:`~fastrm.attention.metadata.VarlenMetadata` as ``mask`` and the packed
    ``position_ids`` as ``input_pos``.
 
 :class:`VarlenAttentionCall` routes a ``VarlenMetadata`` mask to
@@ -97,6 +102,45 @@ def _packed_attention(
     return out.transpose(0, 1).unsqueeze(0)
 
 
+class PackedSelfAttention:
+    """``forward`` of a torchtune ``MultiHeadAttention`` that computes packed batches in the
+    flat layout (see the module docstring) and defers everything else (padded batches,
+    generation with a KV cache, cross-attention) to ``MultiHeadAttention.forward``.
+
+    ``x [1, T, D]`` with ``mask`` a :class:`VarlenMetadata` and ``input_pos [1, T]`` ->
+    ``[1, T, D]``. Same parameters, same math, same order of ops as torchtune's forward
+    (projections, RoPE, then q / k norms, attention, output projection).
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+
+    def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, mask=None,
+                 input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        m = self.attn
+        if (not isinstance(mask, VarlenMetadata) or y is not x or x.shape[0] != 1
+                or (m.kv_cache is not None and m.cache_enabled)):
+            return type(m).forward(m, x, y, mask=mask, input_pos=input_pos)
+        t = x.shape[1]
+        q = m.q_proj(x).view(1, t, m.num_heads, m.head_dim)
+        k = m.k_proj(x).view(1, t, m.num_kv_heads, m.head_dim)
+        v = m.v_proj(x).view(t, m.num_kv_heads, m.head_dim)
+        if m.pos_embeddings is not None:
+            q = m.pos_embeddings(q, input_pos=input_pos)
+            k = m.pos_embeddings(k, input_pos=input_pos)
+        q, k = q[0], k[0]
+        if m.q_norm is not None:  # per (token, head) over head_dim: layout-independent
+            q = m.q_norm(q)
+            k = m.k_norm(k)
+        out = _packed_flat_attention(q, k, v, mask, m.attn_dropout if m.training else 0.0)
+        return m.output_proj(out.reshape(1, t, m.num_heads * m.head_dim))
+
+
+@torch.compiler.disable
+def _packed_flat_attention(q, k, v, mask: VarlenMetadata, dropout_p: float) -> torch.Tensor:
+    return varlen_attention(q, k, v, metadata=mask, dropout_p=dropout_p)
+
+
 def enable_varlen_attention(module: nn.Module) -> int:
     """Installs :class:`VarlenAttentionCall` in every torchtune attention module under ``module``.
 
@@ -126,6 +170,8 @@ def enable_varlen_attention(module: nn.Module) -> int:
             call = m._attention_call
             if not isinstance(call, VarlenAttentionCall):
                 m._attention_call = VarlenAttentionCall(call, m.num_heads, m.num_kv_heads)
+            if not isinstance(m.__dict__.get("forward"), PackedSelfAttention):
+                m.forward = PackedSelfAttention(m)
             count += 1
     if count == 0:
         raise ValueError(

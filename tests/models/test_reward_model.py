@@ -355,3 +355,32 @@ def test_compiled_layers_do_not_recompile_per_layout():
         torch.testing.assert_close(h.detach(), ref, rtol=1e-6, atol=1e-6)
         frames.append(counter.frame_count)
     assert frames[2] == frames[3] == frames[1]  # after the dynamic-shape recompile: none
+
+
+def test_packed_attention_reads_kv_heads_without_expanding(monkeypatch):
+    """PackedSelfAttention hands the varlen kernels q [T, H, D] and k, v [T, H_kv, D] (no
+    GQA-expanded copies, no transposes); padded batches still take torchtune's own forward."""
+    import fastrm.attention.integration as integ
+    from fastrm.attention import PackedSelfAttention
+
+    model = _model("llama3")  # 4 query heads, 2 kv heads
+    attn = model.decoder.layers[0].attn
+    assert isinstance(attn.forward, PackedSelfAttention)
+    seen = []
+    real = integ.varlen_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((tuple(q.shape), tuple(k.shape), k.is_contiguous(), q.is_contiguous()))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(integ, "varlen_attention", spy)
+    gen = torch.Generator().manual_seed(2)
+    batch = pack_sequences([random_tokens(n, VOCAB, gen) for n in (5, 9, 3)])
+    model.rewards(batch)
+    t = batch.tokens.shape[1]
+    assert seen and all(s == ((t, 4, 16), (t, 2, 16), True, True) for s in seen)
+    seen.clear()
+    model.rewards_padded(torch.randint(0, VOCAB, (2, 7)), torch.tensor([7, 4]))
+    assert not seen  # padded: torchtune's forward and SDPA
+    copied = copy.deepcopy(model)
+    assert copied.decoder.layers[0].attn.forward.attn is copied.decoder.layers[0].attn
