@@ -10,7 +10,10 @@
   (:func:`fastrm.ops.apply_rope`),
 
 the same math with the saved activations cut to what each backward needs (about half of a
-layer's activation memory) and one pass per op on CPU (C++ kernels). Parameter names and the
+layer's activation memory) and one pass per op on CPU (C++ kernels). Within
+:func:`recompute_norm_outputs` (the reward model's packed forward uses it), a norm's output is
+not kept for the projections that read it either: their backward recomputes it from the norm's
+input, which the norm keeps anyway (one elementwise pass, two ``[T, D]`` tensors less per layer). Parameter names and the
 state dict do not change (``sa_norm.scale``, ``mlp.w1.weight``, ...), so torchtune checkpoints,
 FSDP2 ``fully_shard``, activation checkpointing, LoRA (adapted modules are left alone) and
 ``torch.compile`` (inductor gets the plain torch formulas) keep working. Anything else (other
@@ -19,14 +22,17 @@ norms, activations, Qwen2's half-split RoPE, LoRA MLPs) stays as it is.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-from fastrm.ops.rms_norm import rms_norm
+from fastrm.ops.rms_norm import rms_norm, rms_norm_forward_torch
+from fastrm.ops import rms_norm as _rms_ops
 from fastrm.ops.rope import apply_rope, rope_cos_sin
 from fastrm.ops.swiglu import swiglu_mlp
 
@@ -50,9 +56,96 @@ def _rms_norm_base():
     return RMSNorm
 
 
+class _NormRecipe:
+    """A norm output's inputs; the output is rebuilt once and shared by every saved view."""
+
+    __slots__ = ("x", "weight", "eps", "rebuilt")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+        self.x, self.weight, self.eps, self.rebuilt = x, weight, eps, None
+
+    def output(self) -> torch.Tensor:
+        if self.rebuilt is None:
+            x2 = self.x.reshape(-1, self.x.shape[-1])
+            with torch.no_grad():
+                if _rms_ops.native_ok(x2):
+                    y = torch.ops.fastrm.rms_norm_forward(x2, self.weight, self.eps)[0]
+                else:
+                    y = rms_norm_forward_torch(x2, self.weight, self.eps)[0]
+            # kept until the last backward node that saved a view of it is freed
+            self.rebuilt = y
+        return self.rebuilt
+
+
+class _SavedView:
+    """A saved view of a norm output: its recipe and the view's geometry."""
+
+    __slots__ = ("recipe", "size", "stride", "offset")
+
+    def __init__(self, recipe: _NormRecipe, view: torch.Tensor) -> None:
+        self.recipe = recipe
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+
+    def rebuild(self) -> torch.Tensor:
+        return self.recipe.output().as_strided(self.size, self.stride, self.offset)
+
+
+class NormOutputRecompute:
+    """Saved-tensor hooks that drop :class:`FusedRMSNorm` outputs from what autograd keeps.
+
+    The projections after a norm (q / k / v, the MLP's w1 / w3, the reward head) save the
+    norm's output for their weight gradients; the norm itself keeps its input. Inside this
+    context a saved norm output (or a view of it) is replaced by a recipe and recomputed from
+    that input when the backward needs it: bit-identical values (same kernel, same input),
+    ``2 x [T, D]`` fewer saved tensors per layer, one elementwise pass per norm in the backward.
+    Outputs are recognised by storage and checked against a weak reference, so a reused
+    address is never mistaken for a norm output.
+    """
+
+    def __init__(self) -> None:
+        self._outputs: dict[int, tuple] = {}
+
+    def register(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+        self._outputs[y.untyped_storage().data_ptr()] = (weakref.ref(y), _NormRecipe(x, weight, eps))
+
+    def pack(self, t: torch.Tensor):
+        entry = self._outputs.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
+        if entry is not None:
+            y = entry[0]()
+            if (y is not None and y.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                    and y.dtype == t.dtype and y.is_contiguous()):
+                return _SavedView(entry[1], t)
+        return t
+
+    @staticmethod
+    def unpack(packed):
+        return packed.rebuild() if isinstance(packed, _SavedView) else packed
+
+
+_active = threading.local()
+
+
+@contextlib.contextmanager
+def recompute_norm_outputs(enabled: bool = True) -> Iterator[None]:
+    """Within this context, fused-norm outputs saved for the backward are recomputed instead
+    of kept (see :class:`NormOutputRecompute`). A no-op under ``torch.compile`` tracing."""
+    if not enabled or torch.compiler.is_compiling():
+        yield
+        return
+    hooks = NormOutputRecompute()
+    prev = getattr(_active, "hooks", None)
+    _active.hooks = hooks
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+            yield
+    finally:
+        _active.hooks = prev
+
+
 class FusedRMSNorm(_rms_norm_base()):
     """torchtune's RMSNorm (same ``scale`` parameter and ``eps``) with the lean backward of
-    :func:`fastrm.ops.rms_norm`. Input ``[..., D]``, output the same shape and dtype."""
+    :func:`fastrm.ops.rms_norm`. Input ``[..., D]``, output the same shape and dtype; inside
+    :func:`recompute_norm_outputs` the output is not kept for later ops' backward."""
 
     @classmethod
     def from_module(cls, norm: nn.Module) -> "FusedRMSNorm":
@@ -62,7 +155,11 @@ class FusedRMSNorm(_rms_norm_base()):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.scale, self.eps)
+        y = rms_norm(x, self.scale, self.eps)
+        hooks = getattr(_active, "hooks", None)
+        if hooks is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            hooks.register(y, x, self.scale, self.eps)
+        return y
 
 
 def _feed_forward_base():

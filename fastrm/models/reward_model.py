@@ -26,6 +26,7 @@ from torch import nn
 
 from fastrm.attention import VarlenMetadata, check_backend, enable_varlen_attention
 from fastrm.data.batch import PackedBatch
+from fastrm.models.fused import recompute_norm_outputs
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ class RewardModel(nn.Module):
             from fastrm.models.fused import fuse_layers
 
             self.fuse_report = fuse_layers(decoder)
+        #: packed forward: norm outputs are recomputed in the backward instead of kept
+        #: (fastrm.models.fused.recompute_norm_outputs; only with fused_ops)
+        self.recompute_norm_outputs = fused_ops
         self.decoder = decoder
         self.embed_dim = int(decoder.tok_embeddings.embedding_dim)
         if head is None:
@@ -170,12 +174,13 @@ class RewardModel(nn.Module):
                 "with a smaller max_seq_len or build the decoder with a larger max_seq_len"
             )
         dec = self.decoder
-        h = dec.tok_embeddings(tokens)
-        for layer in dec.layers:
-            h = layer(h, mask=metadata, input_pos=position_ids)
-        # norm of [T, D] (not a view of [1, T, D]): FSDP2 hooks the root's output for backward
-        # and warns about views that an in-place op could detach from that hook
-        return dec.norm(h[0])
+        with recompute_norm_outputs(self.recompute_norm_outputs and self.fuse_report is not None):
+            h = dec.tok_embeddings(tokens)
+            for layer in dec.layers:
+                h = layer(h, mask=metadata, input_pos=position_ids)
+            # norm of [T, D] (not a view of [1, T, D]): FSDP2 hooks the root's output for
+            # backward and warns about views that an in-place op could detach from that hook
+            return dec.norm(h[0])
 
     def forward(self, batch: PackedBatch, *, return_rewards: bool = False) -> torch.Tensor:
         """``[T, D]`` hidden states of ``batch`` (for the fused head + loss), or ``[N]`` rewards
