@@ -66,6 +66,21 @@ def layouts(quick: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def attention_inputs(cu: torch.Tensor, pre: torch.Tensor, seed: int = 0):
+    """Random bf16 ``q [T, H, D]``, ``k, v [T, H_kv, D]``, ``grad_out`` and the layout's
+    :class:`VarlenMetadata` (no prefix table when no segment has one)."""
+    from fastrm.attention import VarlenMetadata
+
+    t = int(cu[-1])
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, H, HD, generator=g).bfloat16().requires_grad_()
+    k = torch.randn(t, HK, HD, generator=g).bfloat16().requires_grad_()
+    v = torch.randn(t, HK, HD, generator=g).bfloat16().requires_grad_()
+    go = torch.randn(t, H, HD, generator=g).bfloat16()
+    meta = VarlenMetadata.build(cu, pre if bool((pre[:, 1] > pre[:, 0]).any()) else None)
+    return q, k, v, go, meta
+
+
 def _time(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -77,7 +92,7 @@ def _stats(ts: list[float]) -> dict[str, float]:
 
 
 def bench_attention(quick: bool, repeats: int) -> list[dict[str, Any]]:
-    from fastrm.attention import VarlenMetadata, varlen_attention
+    from fastrm.attention import varlen_attention
     from fastrm.attention.varlen import cpu_flash_unavailable_reason
 
     reason = cpu_flash_unavailable_reason(torch.zeros(1, 1, HD, dtype=torch.bfloat16))
@@ -87,12 +102,7 @@ def bench_attention(quick: bool, repeats: int) -> list[dict[str, Any]]:
     rows = []
     for name, (cu, pre) in layouts(quick).items():
         t = int(cu[-1])
-        g = torch.Generator().manual_seed(0)
-        q = torch.randn(t, H, HD, generator=g).bfloat16().requires_grad_()
-        k = torch.randn(t, HK, HD, generator=g).bfloat16().requires_grad_()
-        v = torch.randn(t, HK, HD, generator=g).bfloat16().requires_grad_()
-        go = torch.randn(t, H, HD, generator=g).bfloat16()
-        meta = VarlenMetadata.build(cu, pre if bool((pre[:, 1] > pre[:, 0]).any()) else None)
+        q, k, v, go, meta = attention_inputs(cu, pre)
         outs = {}
 
         def fwd(be):

@@ -9,9 +9,13 @@ others still run):
 1. ``bench_fused_head.py``: fused reward head + loss (every backend) vs unfused torch, fwd+bwd;
 2. ``bench_packing.py``: the packing planner's speed and fill rate;
 3. ``bench_packed_model.py``: one packed vs padded forward+backward step, plus attention alone;
-4. ``bench_e2e.py``: full optimizer steps, padded vs packed vs prefix sharing vs grouped, on
+4. ``bench_cpu_kernels.py``: the ``cpu_flash`` attention kernels vs per-segment SDPA, and the
+   fused layer ops vs torchtune's modules (time and activation memory);
+5. ``bench_e2e.py``: full optimizer steps, padded vs packed vs prefix sharing vs grouped, on
    long-tailed, uniform, long/short-prompt, K-responses and qa-feedback data, two model sizes;
-5. ``plots.py``: PNGs from the end-to-end JSON.
+6. ``plots.py``: PNGs from the end-to-end JSON.
+
+(``bench_trl.py``, the head-to-head with TRL, needs the ``bench`` extra and runs on its own.)
 
 Then ``results/summary.json`` (the latest run, quick or full; machine, every step's status, wall time and output files, the
 headline numbers) and ``results/summary.md`` (Markdown tables for the README). On a CUDA machine
@@ -79,6 +83,10 @@ def steps(args) -> list[tuple[str, list[str], list[Path]]]:
                                      "--threads", str(args.threads)]
                 + (["--models", "small", "--pairs", "8", "--repeats", "3",
                     "--attn-tokens", "1024"] if q else []), [pm, pm.with_suffix(".png")]))
+    ck = RESULTS / f"cpu_kernels{sfx}"
+    out.append(("cpu_kernels", [py, str(HERE / "bench_cpu_kernels.py"), "--threads",
+                                str(args.threads), "--out", str(ck)] + (["--quick"] if q else []),
+                [ck.with_suffix(".json"), ck.with_suffix(".md"), ck.with_suffix(".png")]))
     e2e = RESULTS / f"e2e_cpu{sfx}.json"
     out.append(("e2e_cpu", [py, str(HERE / "bench_e2e.py"), "--device", "cpu", "--threads",
                             str(args.threads), "--out", str(e2e)] + (["--quick"] if q else []),
@@ -274,6 +282,9 @@ def summarize(args, run: dict[str, dict], info: dict, wall: float) -> dict[str, 
     if "packed_model_cpu" in run and run["packed_model_cpu"]["status"] == "ok" and pm.is_file():
         md += ["## One packed vs padded step (bench_packed_model.py)", "", "```",
                json.loads(pm.read_text()).get("table", "").strip(), "```", ""]
+    ck = RESULTS / f"cpu_kernels{sfx}.md"
+    if "cpu_kernels" in run and run["cpu_kernels"]["status"] == "ok" and ck.is_file():
+        md += ["## CPU kernels (bench_cpu_kernels.py)", "", ck.read_text().strip(), ""]
     pk = RESULTS / f"packing{sfx}.json"
     if "packing" in run and run["packing"]["status"] == "ok" and pk.is_file():
         res = json.loads(pk.read_text())["results"]
@@ -303,8 +314,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the GPU benchmarks (default: when CUDA is available)")
     p.add_argument("--only", nargs="+", default=None,
-                   help="run only these steps (fused_head_cpu packing packed_model_cpu e2e_cpu "
-                        "fused_head_cuda e2e_cuda)")
+                   help="run only these steps (fused_head_cpu packing packed_model_cpu "
+                        "cpu_kernels e2e_cpu fused_head_cuda e2e_cuda)")
     p.add_argument("--summary-only", action="store_true",
                    help="rebuild summary.{json,md} and plots from existing results")
     p.add_argument("--lock", default=None, help="flock this file while measuring")

@@ -10,7 +10,6 @@ comparisons from the same weights, so a timing never belongs to a layout that do
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -31,13 +30,6 @@ DATA = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    """``FASTRM_BENCH_THREADS`` pins torch's intra-op threads for the benchmark."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("FASTRM_BENCH_THREADS", before)))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("data", DATA, ids=[d[0] for d in DATA])

@@ -7,7 +7,6 @@ is ``python benchmarks/bench_fused_head.py``.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -25,14 +24,6 @@ METHODS = ["unfused_eager"] + [f"fused_{b}" for b in available_backends(DEVICE)
 CONFIGS = [(4096, 576, 8), (16384, 2048, 32)]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    """``FASTRM_BENCH_THREADS`` pins torch's intra-op threads (1 on a shared machine gives
-    stable numbers; OpenMP threads that spin while another job holds a core do not)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("FASTRM_BENCH_THREADS", before)))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("t,d,b", CONFIGS, ids=[f"T{t}-D{d}-B{b}" for t, d, b in CONFIGS])

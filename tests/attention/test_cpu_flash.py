@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+from varlen_layouts import random_layout
 
 from fastrm.attention import VarlenMetadata, select_backend, varlen_attention
 from fastrm.attention.varlen import cpu_flash_unavailable_reason
@@ -23,27 +24,8 @@ pytestmark = pytest.mark.skipif(bool(_REASON), reason=f"cpu_flash cannot run her
 
 
 def _layout(rng: random.Random, with_prefix: bool, max_len: int):
-    lens, prefix, t = [], [], 0
-    for _ in range(rng.randint(1, 4)):
-        if with_prefix and rng.random() < 0.7:
-            p = rng.randint(1, max_len)
-            lens.append(p)
-            prefix.append((0, 0))
-            start = t
-            t += p
-            for _ in range(rng.randint(1, 4)):
-                n = rng.choice([1, rng.randint(1, max_len // 2 + 1)])
-                lens.append(n)
-                prefix.append((start, start + p))
-                t += n
-        else:
-            n = rng.choice([1, rng.randint(1, max_len)])
-            lens.append(n)
-            prefix.append((0, 0))
-            t += n
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lens), 0)
-    return cu, torch.tensor(prefix, dtype=torch.int32)
+    return random_layout(rng, with_prefix, max_len, groups=(1, 4), prefix_prob=0.7,
+                         responses=(1, 4), response_max=max_len // 2 + 1)
 
 
 def _qkv(t, h, hk, d, seed, scale=1.0):

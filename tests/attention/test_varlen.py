@@ -15,6 +15,7 @@ import random
 
 import pytest
 import torch
+from varlen_layouts import random_layout
 
 from fastrm.attention import (
     ENV_VAR,
@@ -24,34 +25,6 @@ from fastrm.attention import (
     select_backend,
     varlen_attention,
 )
-
-
-def random_layout(rng: random.Random, with_prefix: bool, max_len: int = 9):
-    """Random segments: plain sequences and (if ``with_prefix``) prompt + responses groups.
-
-    Returns ``cu_seqlens [S+1] int32``, ``segment_prefix [S, 2] int32``."""
-    lens, prefix = [], []
-    t = 0
-    for _ in range(rng.randint(2, 5)):
-        if with_prefix and rng.random() < 0.6:
-            p = rng.randint(1, max_len)
-            lens.append(p)
-            prefix.append((0, 0))
-            start = t
-            t += p
-            for _ in range(rng.randint(1, 3)):
-                n = rng.choice([1, rng.randint(1, max_len)])
-                lens.append(n)
-                prefix.append((start, start + p))
-                t += n
-        else:
-            n = rng.choice([1, rng.randint(1, max_len)])
-            lens.append(n)
-            prefix.append((0, 0))
-            t += n
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lens), 0)
-    return cu, torch.tensor(prefix, dtype=torch.int32)
 
 
 def rule_mask(cu: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
