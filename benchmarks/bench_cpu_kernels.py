@@ -136,34 +136,11 @@ def bench_attention(quick: bool, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _kept_bytes(model, batch) -> int:
-    from fastrm.models import fused as fused_mod
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def keep(t):
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    if model.fuse_report is None:
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            model(batch)
-    else:
-        orig = fused_mod.NormOutputRecompute.pack
-        fused_mod.NormOutputRecompute.pack = lambda self, t: keep(orig(self, t))
-        try:
-            model(batch)
-        finally:
-            fused_mod.NormOutputRecompute.pack = orig
-    return sum(storages.values())
-
-
 def bench_layers(quick: bool, repeats: int, num_layers: int) -> list[dict[str, Any]]:
     from fastrm.data import collate_packed
     from fastrm.data.group import PreferenceGroup
     from fastrm.models import reward_model
+    from fastrm.models.fused import saved_activation_bytes
 
     g = torch.Generator().manual_seed(1)
     groups = []
@@ -195,7 +172,8 @@ def bench_layers(quick: bool, repeats: int, num_layers: int) -> list[dict[str, A
                 dt = _time(lambda: step(models[fused]))
                 if r:
                     times[fused].append(dt)
-        kept = {f: _kept_bytes(models[f], batch) / t / num_layers for f in (False, True)}
+        kept = {f: saved_activation_bytes(lambda: models[f](batch), models[f].parameters())
+                / t / num_layers for f in (False, True)}
         with torch.no_grad():
             h0, h1 = models[False](batch), models[True](batch)
         err = float((h1.double() - h0.double()).norm() / h0.double().norm())

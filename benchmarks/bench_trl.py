@@ -270,6 +270,8 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
         model.head.weight.copy_(plan["head_weight"])
         model.head.bias.zero_()
     model.head.bias.requires_grad_(False)  # HF's score head has no bias
+    device = torch.device(spec.get("device", "cpu"))
+    model.to(device)
     if checkpointing:
         set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     params = [p for p in model.parameters() if p.requires_grad]
@@ -279,12 +281,16 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
     kept, bsz = plan["kept_pairs"], spec["batch_pairs"]
     load_s = time.perf_counter() - t_load
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     rec: dict[str, list] = {"step_s": [], "loss": [], "tokens_computed": [], "real_tokens": [],
                             "pairs": []}
     for s in range(spec["warmup"] + spec["steps"]):
         pairs = kept[s * bsz:(s + 1) * bsz]
         t0 = time.perf_counter()
-        batch = collate_packed(step_groups(pairs, config), prefix_sharing=config != "packed")
+        batch = collate_packed(step_groups(pairs, config),
+                               prefix_sharing=config != "packed").to(device)
         hidden = model(batch)
         loss, _ = loss_fn.from_hidden(hidden, model.head.weight, model.head.bias, batch)
         loss.backward()
@@ -292,6 +298,7 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
             torch.nn.utils.clip_grad_norm_(params, spec["max_grad_norm"])
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         rec["step_s"].append(time.perf_counter() - t0)
         rec["loss"].append(float(loss.detach()))
         rec["tokens_computed"].append(int(batch.tokens.shape[1]))
@@ -300,12 +307,15 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
         rec["pairs"].append(len(pairs))
         if s == 0:
             from fastrm.attention import VarlenMetadata, select_backend
-            probe = torch.zeros(1, 1, model.decoder.layers[0].attn.head_dim, dtype=dtype)
+            probe = torch.zeros(1, 1, model.decoder.layers[0].attn.head_dim, dtype=dtype,
+                                device=device)
             meta = VarlenMetadata.build(batch.cu_seqlens, batch.segment_prefix)
             rec["attention_backend"] = select_backend(probe, meta.backend, meta.has_prefix)
     rep = model.fuse_report
     return {**rec, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_rss_before_train_bytes": rss_before, "load_s": load_s,
+            "peak_cuda_allocated_bytes": (torch.cuda.max_memory_allocated()
+                                          if device.type == "cuda" else None),
             "fused_ops": None if rep is None else {"rms_norm": len(rep.rms_norm),
                                                    "swiglu": len(rep.swiglu), "rope": len(rep.rope)}}
 
@@ -382,7 +392,9 @@ def summarize(run: dict[str, Any], warmup: int) -> dict[str, Any]:
         "tokens_computed_per_step": comp / len(t), "real_tokens_per_step": real / len(t),
         "pad_fraction": pad / comp if comp else 0.0,
         "step_s_min": min(t), "step_s_median": statistics.median(t), "step_s_max": max(t),
-        "peak_rss_gib": run["peak_rss_bytes"] / GIB,
+        # CPU: the process's peak RSS; CUDA: torch's peak allocated device memory
+        "peak_rss_gib": (run["peak_cuda_allocated_bytes"] if run.get("peak_cuda_allocated_bytes")
+                         else run["peak_rss_bytes"]) / GIB,
     }
 
 
@@ -414,6 +426,10 @@ def machine_info() -> dict[str, Any]:
 # report
 # ----------------------------------------------------------------------------------------------
 
+def _mem_name(result: dict[str, Any]) -> str:
+    return "peak allocated" if result["spec"].get("device", "cpu") == "cuda" else "peak RSS"
+
+
 def _backends(result: dict[str, Any]) -> str:
     names = sorted({run.get("attention_backend", "?") for r in result["datasets"].values()
                     for run in r.get("runs", {}).values() if run.get("side") == "fastrm"
@@ -430,7 +446,8 @@ def _fmt_row(dataset: str, name: str, ac: bool, s: dict, lp: str, ratio: str, me
 
 def write_report(result: dict[str, Any], stem: Path) -> None:
     lines = [f"TRL {result['versions'].get('trl')} (transformers {result['versions'].get('transformers')}) "
-             f"vs fastrm, SmolLM2-135M-Instruct, {result['spec']['dtype']}, "
+             f"vs fastrm, SmolLM2-135M-Instruct, {result['spec'].get('device', 'cpu')}, "
+             f"{result['spec']['dtype']}, "
              f"{result['spec']['threads']} threads, batch {result['spec']['batch_pairs']} pairs, "
              f"AdamW ({result['spec'].get('adamw', 'foreach')}) lr {result['spec']['lr']}, "
              f"fastrm attention {_backends(result)}, {result['mode']} mode "
@@ -438,9 +455,9 @@ def write_report(result: dict[str, Any], stem: Path) -> None:
              f"Machine: {result['machine'].get('cpu')} ({result['machine']['cpus']} CPUs shared, "
              f"load average {result['machine']['load_avg_start'][0]:.1f} at start, "
              f"{result['machine'].get('load_avg_end', [0])[0]:.1f} at end); {result['date']}.", "",
-             "| data | run | act. ckpt | pairs/s | real tok/s | tokens computed/step | pad | "
-             "step s min / med / max | peak RSS GiB | dropped / truncated for length | "
-             "pairs/s vs TRL | RSS vs TRL |",
+             f"| data | run | act. ckpt | pairs/s | real tok/s | tokens computed/step | pad | "
+             f"step s min / med / max | {_mem_name(result)} GiB | dropped / truncated for length | "
+             f"pairs/s vs TRL | {_mem_name(result)} vs TRL |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for ds, r in result["datasets"].items():
         if "error" in r:
@@ -535,8 +552,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--eps", type=float, default=1e-8)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: both sides on the GPU, memory as torch's peak allocated")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="auto: bfloat16 on CPUs with AVX-512 BF16 / AMX, else float32")
+                    help="auto: bfloat16 on CPUs with AVX-512 BF16 / AMX (and on bf16 GPUs), "
+                         "else float32")
     ap.add_argument("--adamw", choices=("fused", "foreach", "for-loop"), default="fused",
                     help="torch AdamW implementation, the same on both sides")
     ap.add_argument("--threads", type=int, default=1,
@@ -586,8 +606,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     checkpoint_dir = str(prepare_smollm2(progress=False))
     mode = MODES[args.mode]
     dtype = args.dtype
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_trl: --device cuda but CUDA is not available")
+        return 2
     if dtype == "auto":
-        dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
+        fast = (torch.cuda.is_bf16_supported() if args.device == "cuda" else cpu_has_fast_bf16())
+        dtype = "bfloat16" if fast else "float32"
     tol = TOLERANCES[dtype]
     args.atol_first = tol[0] if args.atol_first is None else args.atol_first
     args.atol_later = tol[1] if args.atol_later is None else args.atol_later
@@ -595,7 +619,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "batch_pairs": args.batch_pairs, "lr": args.lr, "betas": list(args.betas),
             "eps": args.eps, "weight_decay": args.weight_decay,
             "max_grad_norm": args.max_grad_norm, "dtype": dtype, "threads": args.threads,
-            "seed": args.seed, "attn_implementation": "sdpa", "adamw": args.adamw}
+            "seed": args.seed, "attn_implementation": "sdpa", "adamw": args.adamw,
+            "device": args.device}
     acs = [bool(int(x)) for x in args.checkpointing.split(",")]
     configs = [c for c in args.configs.split(",") if c]
     result: dict[str, Any] = {"mode": args.mode, "spec": spec, "versions": versions,
@@ -633,7 +658,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     run["summary"] = summarize(run, spec["warmup"])
                     s = run["summary"]
                     print(f"{ds} {key}: {s['pairs_per_s']:.3f} pairs/s, median step "
-                          f"{s['step_s_median']:.1f} s, peak RSS {s['peak_rss_gib']:.2f} GiB, "
+                          f"{s['step_s_median']:.1f} s, peak memory {s['peak_rss_gib']:.2f} GiB, "
                           f"losses {[round(x, 5) for x in run['loss']]} (wall {run['wall_s']:.0f} s)",
                           flush=True)
                 else:

@@ -71,5 +71,5 @@ def test_decoder_layers_fwd_bwd(benchmark, fused, dtype):
         return h.detach()
 
     h = benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
-    assert torch.isfinite(h).all() and all(
-        p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert torch.isfinite(h).all() and all(  # the head is not in this loss
+        p.grad is not None for p in model.decoder.parameters() if p.requires_grad)

@@ -117,7 +117,7 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         report_to="none",
         save_strategy="no",
         dataloader_num_workers=0,
-        use_cpu=True,
+        use_cpu=spec.get("device", "cpu") == "cpu",
         seed=spec["seed"],
         disable_tqdm=True,
     )
@@ -128,11 +128,16 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
     record: dict[str, list] = {"step_s": [], "loss": [], "tokens_computed": [],
                                "real_tokens": [], "pairs": []}
 
+    cuda = spec.get("device", "cpu") == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             record["step_s"].append(time.perf_counter() - self.t0)
 
     class RecordingRewardTrainer(RewardTrainer):
@@ -164,6 +169,8 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
             raise RuntimeError(f"TRL's tokens of pair {k} (row {p['row']}) differ from the plan's")
     load_s = time.perf_counter() - t_load
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
         trainer.train()
     finally:
@@ -179,6 +186,7 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         "truncated_pairs": 0,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_rss_before_train_bytes": rss_before,
+        "peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "load_s": load_s,
         "checkpointing_on": checkpointing_on,
         "versions": trl_versions(),

@@ -288,6 +288,20 @@ int64_t collect_ranges(const Problem& p, int64_t g, int64_t* starts, int64_t* le
   return n;
 }
 
+// The key ranges segment sg attends to, prefix first: rs[i] and whether it is the segment's own
+// (causal) range; returns how many (1 or 2).
+int64_t segment_ranges(const Problem& p, const RangeSet& ranges, int64_t sg, const Range** rs,
+                       bool* own) {
+  int64_t n = 0;
+  if (p.p_len[sg] > 0) {
+    rs[n] = &ranges.items[ranges.find(p.p_start[sg], p.p_len[sg])];
+    own[n++] = false;
+  }
+  rs[n] = &ranges.items[ranges.find(p.q_start[sg], p.q_len[sg])];
+  own[n++] = true;
+  return n;
+}
+
 thread_local Scratch tl_ranges, tl_work, tl_seg;
 
 // Packs the group's ranges for kv head kh into tl_ranges; `backward` adds v_nt, k_nn and the
@@ -393,13 +407,7 @@ void forward_task(const Problem& p, int64_t g, int64_t kh, uint16_t* out, int64_
     const int64_t m = gq * bq;
     const Range* rs[2];
     bool own[2];
-    int64_t nrange = 0;
-    if (p.p_len[sg] > 0) {
-      rs[nrange] = &ranges.items[ranges.find(p.p_start[sg], p.p_len[sg])];
-      own[nrange++] = false;
-    }
-    rs[nrange] = &ranges.items[ranges.find(q0, lq)];
-    own[nrange++] = true;
+    const int64_t nrange = segment_ranges(p, ranges, sg, rs, own);
     for (int64_t i0 = 0; i0 < lq; i0 += bq) {
       const int64_t nvalid = imin(bq, lq - i0);
       gather_tile(p.q, p.q_st, p.q_sh, q0 + i0, nvalid, kh, gq, bq, d, qt);
@@ -521,13 +529,7 @@ void backward_task(const Problem& p, int64_t g, int64_t kh, const uint16_t* dout
     }
     const Range* rs[2];
     bool own[2];
-    int64_t nrange = 0;
-    if (p.p_len[sg] > 0) {
-      rs[nrange] = &ranges.items[ranges.find(p.p_start[sg], p.p_len[sg])];
-      own[nrange++] = false;
-    }
-    rs[nrange] = &ranges.items[ranges.find(q0, lq)];
-    own[nrange++] = true;
+    const int64_t nrange = segment_ranges(p, ranges, sg, rs, own);
     for (int64_t ri = 0; ri < nrange; ++ri) {
       const Range& rg = *rs[ri];
       for (int64_t b = 0; b < rg.nblk; ++b) {

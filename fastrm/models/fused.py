@@ -115,6 +115,9 @@ class NormOutputRecompute:
             if (y is not None and y.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
                     and y.dtype == t.dtype and y.is_contiguous()):
                 return _SavedView(entry[1], t)
+        observer = getattr(_active, "observer", None)
+        if observer is not None:
+            observer(t)
         return t
 
     @staticmethod
@@ -140,6 +143,31 @@ def recompute_norm_outputs(enabled: bool = True) -> Iterator[None]:
             yield
     finally:
         _active.hooks = prev
+
+
+def saved_activation_bytes(run, exclude=()) -> int:
+    """Bytes of the tensors autograd keeps for the backward while ``run()`` executes (each
+    storage counted once; tensors sharing storage with ``exclude``, e.g. the parameters, are
+    not counted). Counts what is kept after :func:`recompute_norm_outputs` has dropped norm
+    outputs, so it measures the activation memory a backward will need."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    prev = getattr(_active, "observer", None)
+    _active.observer = keep
+    try:
+        # outer hooks see what is saved outside fastrm's own (inner) hooks
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            run()
+    finally:
+        _active.observer = prev
+    return sum(storages.values())
 
 
 class FusedRMSNorm(_rms_norm_base()):
