@@ -142,7 +142,8 @@ def _packed_flat_attention(q, k, v, mask: VarlenMetadata, dropout_p: float) -> t
 
 
 def enable_varlen_attention(module: nn.Module) -> int:
-    """Installs :class:`VarlenAttentionCall` in every torchtune attention module under ``module``.
+    """Installs :class:`VarlenAttentionCall` and the :class:`PackedSelfAttention` forward in
+    every torchtune attention module under ``module``.
 
     Idempotent. Returns the number of attention modules handled.
 

@@ -78,19 +78,27 @@ def _torch_varlen_available() -> bool:
     return True
 
 
-def cpu_flash_unavailable_reason(q: torch.Tensor, k: Optional[torch.Tensor] = None,
-                                 dropout_p: float = 0.0) -> str:
-    """Why the ``cpu_flash`` backend cannot run these inputs (empty string when it can)."""
+@functools.lru_cache(maxsize=1)
+def _cpu_flash_kernel_reason() -> str:
+    """Why the native kernels cannot run on this machine at all (cached: it cannot change)."""
     from fastrm import _native
 
-    if q.device.type != "cpu":
-        return f"cpu_flash runs on CPU tensors (q is on {q.device})"
-    if q.dtype != torch.bfloat16:
-        return f"cpu_flash takes bf16 (q is {q.dtype}); use sdpa_segments for other dtypes"
     if not _native.has_op("varlen_attention_forward"):
         return _native.unavailable_reason() or "fastrm._C lacks varlen_attention_forward: rebuild it"
     if not torch.ops.fastrm.varlen_attention_supported():
         return "this CPU lacks AVX-512 BF16 (or fastrm._C was built without it)"
+    return ""
+
+
+def cpu_flash_unavailable_reason(q: torch.Tensor, dropout_p: float = 0.0) -> str:
+    """Why the ``cpu_flash`` backend cannot run queries ``q`` (empty string when it can)."""
+    if q.device.type != "cpu":
+        return f"cpu_flash runs on CPU tensors (q is on {q.device})"
+    if q.dtype != torch.bfloat16:
+        return f"cpu_flash takes bf16 (q is {q.dtype}); use sdpa_segments for other dtypes"
+    reason = _cpu_flash_kernel_reason()
+    if reason:
+        return reason
     d = q.shape[-1]
     if d % 16 or not (d <= 128 or d == 256):
         return f"cpu_flash needs a head dim that is a multiple of 16 up to 128 (or 256), got {d}"
@@ -115,11 +123,13 @@ def check_backend(name: Optional[str]) -> Optional[str]:
 
 
 def select_backend(
-    q: torch.Tensor, backend: Optional[str] = None, has_prefix: bool = False
+    q: torch.Tensor, backend: Optional[str] = None, has_prefix: bool = False,
+    dropout_p: float = 0.0,
 ) -> str:
     """Resolves the backend for ``q``'s device and dtype (see module docstring for the order).
 
     ``has_prefix`` is accepted for symmetry with the dispatch; every backend handles prefixes.
+    The automatic choice skips ``cpu_flash`` when ``dropout_p > 0`` (it has no dropout).
     """
     name = check_backend(backend)
     if name is None:
@@ -131,7 +141,7 @@ def select_backend(
             return "flash_attn"
         if _torch_varlen_available():
             return "torch_varlen"
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_flash_unavailable_reason(q):
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_flash_unavailable_reason(q, dropout_p):
         return "cpu_flash"
     return "sdpa_segments"
 
@@ -218,7 +228,7 @@ def _cpu_flash(
     scale: Optional[float],
 ) -> torch.Tensor:
     """The native CPU kernels on the packed layout (see the module docstring)."""
-    reason = cpu_flash_unavailable_reason(q, k, dropout_p)
+    reason = cpu_flash_unavailable_reason(q, dropout_p)
     if reason:
         raise RuntimeError(f"attention backend 'cpu_flash' cannot run: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -442,5 +452,6 @@ def varlen_attention(
             f"heads: q has {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]}; need H % H_kv == 0 and "
             "k, v with the same heads"
         )
-    name = select_backend(q, backend if backend is not None else metadata.backend, metadata.has_prefix)
+    name = select_backend(q, backend if backend is not None else metadata.backend,
+                          metadata.has_prefix, dropout_p)
     return _IMPLS[name](q, k, v, metadata, dropout_p, scale)

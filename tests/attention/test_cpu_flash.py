@@ -147,6 +147,7 @@ def test_auto_selection_and_clear_refusals():
     q = torch.zeros(5, 4, 64, dtype=torch.bfloat16)
     assert select_backend(q) == "cpu_flash"
     assert select_backend(q.float()) == "sdpa_segments"
+    assert select_backend(q, dropout_p=0.1) == "sdpa_segments"  # automatic choice only
     assert "bf16" in cpu_flash_unavailable_reason(q.float())
     assert "multiple of 16" in cpu_flash_unavailable_reason(torch.zeros(5, 4, 24, dtype=torch.bfloat16))
     assert "dropout" in cpu_flash_unavailable_reason(q, dropout_p=0.1)
