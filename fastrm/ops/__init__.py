@@ -7,6 +7,12 @@
 * :func:`available_backends` / :func:`resolve_backend`: which backend runs where
   (``$FASTRM_HEAD_BACKEND`` overrides the automatic choice).
 
+The lean per-layer ops live in their own modules, each an ``autograd.Function`` over the C++
+kernels of ``kernels/`` (CPU) with a plain-torch fallback: :mod:`fastrm.ops.rms_norm`
+(``rms_norm``), :mod:`fastrm.ops.swiglu` (``swiglu_mlp``, ``silu_mul``) and
+:mod:`fastrm.ops.rope` (``apply_rope``); :mod:`fastrm.models.fused` swaps them into torchtune
+decoders.
+
 Example (``hidden [T, D]`` from a packed forward, ``batch`` a :class:`fastrm.data.batch.PackedBatch`)::
 
     from fastrm.ops import fused_reward_head_loss
