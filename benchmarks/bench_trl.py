@@ -602,16 +602,15 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"(pip install 'fastrm[bench]'): {e}")
         return 0
     from fastrm.models.smollm2 import prepare_smollm2
-    from fastrm.recipes.runtime import cpu_has_fast_bf16
+    from fastrm.recipes.runtime import resolve_dtype
     checkpoint_dir = str(prepare_smollm2(progress=False))
     mode = MODES[args.mode]
     dtype = args.dtype
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_trl: --device cuda but CUDA is not available")
         return 2
-    if dtype == "auto":
-        fast = (torch.cuda.is_bf16_supported() if args.device == "cuda" else cpu_has_fast_bf16())
-        dtype = "bfloat16" if fast else "float32"
+    if dtype == "auto":  # the recipe's rule (dtype: auto)
+        dtype = str(resolve_dtype("auto", torch.device(args.device))).replace("torch.", "")
     tol = TOLERANCES[dtype]
     args.atol_first = tol[0] if args.atol_first is None else args.atol_first
     args.atol_later = tol[1] if args.atol_later is None else args.atol_later

@@ -13,8 +13,9 @@ the same math with the saved activations cut to what each backward needs (about 
 layer's activation memory) and one pass per op on CPU (C++ kernels). Within
 :func:`recompute_norm_outputs` (the reward model's packed forward uses it), a norm's output is
 not kept for the projections that read it either: their backward recomputes it from the norm's
-input, which the norm keeps anyway (one elementwise pass, two ``[T, D]`` tensors less per layer). Parameter names and the
-state dict do not change (``sa_norm.scale``, ``mlp.w1.weight``, ...), so torchtune checkpoints,
+input, which the norm keeps anyway (one elementwise pass, two ``[T, D]`` tensors less per
+layer). Parameter names and the state dict do not change (``sa_norm.scale``,
+``mlp.w1.weight``, ...), so torchtune checkpoints,
 FSDP2 ``fully_shard``, activation checkpointing, LoRA (adapted modules are left alone) and
 ``torch.compile`` (inductor gets the plain torch formulas) keep working. Anything else (other
 norms, activations, Qwen2's half-split RoPE, LoRA MLPs) stays as it is.
@@ -31,8 +32,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from fastrm.ops.rms_norm import rms_norm, rms_norm_forward_torch
-from fastrm.ops import rms_norm as _rms_ops
+from fastrm.ops.rms_norm import rms_norm, rms_norm_forward
 from fastrm.ops.rope import apply_rope, rope_cos_sin
 from fastrm.ops.swiglu import swiglu_mlp
 
@@ -66,12 +66,8 @@ class _NormRecipe:
 
     def output(self) -> torch.Tensor:
         if self.rebuilt is None:
-            x2 = self.x.reshape(-1, self.x.shape[-1])
             with torch.no_grad():
-                if _rms_ops.native_ok(x2):
-                    y = torch.ops.fastrm.rms_norm_forward(x2, self.weight, self.eps)[0]
-                else:
-                    y = rms_norm_forward_torch(x2, self.weight, self.eps)[0]
+                y = rms_norm_forward(self.x.reshape(-1, self.x.shape[-1]), self.weight, self.eps)[0]
             # kept until the last backward node that saved a view of it is freed
             self.rebuilt = y
         return self.rebuilt

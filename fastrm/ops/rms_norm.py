@@ -51,16 +51,22 @@ def rms_norm_backward_torch(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
     return dx.to(x.dtype), (gy * xhat).sum(0)
 
 
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on ``x [R, D]`` by the C++ op when it runs ``x``, else the torch formula
+    (no autograd): ``(y [R, D], rstd [R])``."""
+    if native_ok(x):
+        return torch.ops.fastrm.rms_norm_forward(x, weight, eps)
+    return rms_norm_forward_torch(x, weight, eps)
+
+
 class RMSNormFunction(torch.autograd.Function):
     """``y = rms_norm(x [..., D], weight [D], eps)``; saves ``x`` and ``rstd``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if native_ok(x2):
-            y, rstd = torch.ops.fastrm.rms_norm_forward(x2, weight, eps)
-        else:
-            y, rstd = rms_norm_forward_torch(x2, weight, eps)
+        y, rstd = rms_norm_forward(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = x.shape
         return y.view(x.shape)
