@@ -334,19 +334,18 @@ class VarlenMetadata:
             order.setdefault(r, []).append(i)
         groups = sorted(order.values(), key=lambda segs: segs[0])
         members = [s_ for segs in groups for s_ in segs]
-        offsets = [0]
-        rows = []
+        offsets, rows = [0], []
         lens_l = lens.tolist()
-        for segs in groups:
-            offsets.append(offsets[-1] + len(segs))
-            rows.append(sum(lens_l[s_] for s_ in segs))
-        # row of each token within its group: groups list their segments in token order
+        # seg_base: the row where each segment's tokens start within its group (groups list
+        # their segments in token order); a group's rows are its segments' lengths summed
         seg_base = [0] * n
         for segs in groups:
+            offsets.append(offsets[-1] + len(segs))
             acc = 0
             for s_ in segs:
                 seg_base[s_] = acc
                 acc += lens_l[s_]
+            rows.append(acc)
         seg_of_token = torch.repeat_interleave(torch.arange(n), lens)
         token_local = (torch.arange(int(lens.sum())) - starts[seg_of_token]
                        + torch.tensor(seg_base, dtype=torch.int64)[seg_of_token])

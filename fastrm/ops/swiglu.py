@@ -46,7 +46,7 @@ def silu_mul_backward(grad_a: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_gate, grad_up)`` of ``a = silu(gate) * up``."""
     if native_ok(gate):
-        return torch.ops.fastrm.silu_mul_backward(grad_a.contiguous(), gate, up)
+        return torch.ops.fastrm.silu_mul_backward(grad_a, gate, up)
     g, d = _acc(gate), _acc(grad_a)
     s = torch.sigmoid(g)
     dg = d * _acc(up) * s * (1 + g * (1 - s))
