@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from fastrm.attention.gather import RowGather
+
 
 @dataclass
 class SegmentGroup:
@@ -65,6 +67,8 @@ class SegmentPlan:
         key_sizes: ``G * (P + L)`` per group.
         inverse_index: ``[T]`` position of token ``t`` in the concatenation of the groups'
             outputs; ``None`` when that concatenation is already in token order.
+        key_rows: the key gather as a :class:`~fastrm.attention.gather.RowGather` (prefix keys
+            repeat: its backward accumulates in fp32), ``None`` with ``key_index``.
     """
 
     groups: list[SegmentGroup]
@@ -73,6 +77,7 @@ class SegmentPlan:
     query_sizes: list[int]
     key_sizes: list[int]
     inverse_index: Optional[torch.Tensor]
+    key_rows: Optional[RowGather] = None
 
 
 @dataclass
@@ -83,15 +88,22 @@ class KeyGather:
     aligns the causal mask to the bottom-right corner when ``seqlen_k > seqlen_q``, which is
     exactly "every prefix key plus the own earlier tokens".
 
+    A prefix token is gathered once per segment that uses it; :attr:`rows` gathers with a
+    backward that accumulates those repeats in fp32, in a fixed order under
+    ``torch.use_deterministic_algorithms(True)`` (:mod:`fastrm.attention.gather`).
+
     Attributes:
         key_index: ``[T_k]`` int64 token index of each gathered key.
         cu_seqlens_k: ``[S + 1]`` int32 key boundaries.
         max_seqlen_k: longest key sequence.
+        rows: ``key_index`` as a :class:`~fastrm.attention.gather.RowGather` over the ``T``
+            tokens.
     """
 
     key_index: torch.Tensor
     cu_seqlens_k: torch.Tensor
     max_seqlen_k: int
+    rows: RowGather
 
 
 @dataclass
@@ -298,6 +310,7 @@ class VarlenMetadata:
             [g.num_segments * g.query_len for g in groups],
             [g.num_segments * (g.query_len + g.prefix_len) for g in groups],
             inverse,
+            None if key_index is None else RowGather(key_index, self.total_tokens),
         )
         self._cache["segment_plan"] = plan
         return plan
@@ -373,7 +386,8 @@ class VarlenMetadata:
         off = torch.arange(seg.numel(), device=device) - cu_k[:-1][seg]
         p = plen[seg]
         key_index = torch.where(off < p, pstart[seg] + off, starts[seg] + off - p)
-        kg = KeyGather(key_index, cu_k.to(torch.int32), int(klen.max()))
+        kg = KeyGather(key_index, cu_k.to(torch.int32), int(klen.max()),
+                       RowGather(key_index, self.total_tokens))
         self._cache["key_gather"] = kg
         return kg
 

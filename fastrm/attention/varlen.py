@@ -8,12 +8,16 @@ Public entry point: :func:`varlen_attention`. Shapes follow flash-attn's varlen 
 Backends:
 
 ``"flash_attn"``
-    ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16). Prefixes: keys gathered as
-    ``[prefix keys, own keys]`` per segment with separate ``cu_seqlens_k``; flash-attn's causal
-    mask is bottom-right aligned when ``seqlen_k > seqlen_q``, which is the rule exactly.
+    ``flash_attn.flash_attn_varlen_func`` (CUDA sm80+, fp16/bf16, head dim <= 256). Prefixes:
+    keys gathered as ``[prefix keys, own keys]`` per segment with separate ``cu_seqlens_k``;
+    flash-attn's causal mask is bottom-right aligned when ``seqlen_k > seqlen_q``, which is
+    the rule exactly. Its backward runs with ``deterministic=True`` under
+    ``torch.use_deterministic_algorithms(True)``.
 ``"torch_varlen"``
-    ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; PyTorch's bundled flash kernel),
-    same key gather for prefixes, causal via ``window_size=(-1, 0)`` (also bottom-right aligned).
+    ``torch.nn.attention.varlen.varlen_attn`` (CUDA sm80+, fp16/bf16, head dim a multiple of 8
+    up to 256, no dropout; PyTorch's bundled flash kernel), same key gather for prefixes,
+    causal via ``window_size=(-1, 0)`` (also bottom-right aligned). PyTorch runs its backward
+    deterministically by itself under ``torch.use_deterministic_algorithms(True)``.
 ``"flex"``
     ``torch.nn.attention.flex_attention`` with a block mask built from the segment metadata
     (block-sparse: blocks with no allowed pair are skipped). Compiled on CUDA; on CPU PyTorch
@@ -33,15 +37,24 @@ Backends:
     ``O(T^2)``: a second implementation for tests, never chosen automatically.
 
 Choice: the ``backend`` argument, else the metadata's backend (model config), else the
-environment variable ``FASTRM_ATTENTION_BACKEND``, else automatic: ``flash_attn`` when
-importable, on CUDA and in fp16/bf16; ``torch_varlen`` on CUDA in fp16/bf16; ``cpu_flash`` on
-CPU for bf16 when the native kernels run on this CPU (:func:`cpu_flash_unavailable_reason`);
-``sdpa_segments`` otherwise.
+environment variable ``FASTRM_ATTENTION_BACKEND``, else automatic. An explicit choice that
+cannot run these tensors (:func:`backend_unavailable_reason`: wrong device or dtype, dropout
+it lacks, a missing or broken install) raises ``ValueError`` naming the backend, the reason
+and the fix. The automatic choice takes the first that can run of: ``flash_attn``,
+``torch_varlen`` (CUDA), ``cpu_flash`` (CPU), ``sdpa_segments``; when CUDA tensors end up on
+``sdpa_segments`` it logs why, once per reason. A flash-attn that is installed but fails to
+import (a CUDA build that does not match, raising ``OSError`` / ``RuntimeError`` /
+``ImportError``) is logged once with the error and treated as absent.
+
+Shared prefix keys are gathered by :func:`fastrm.attention.gather.gather_rows`, whose backward
+sums a prompt token's repeats in fp32, in a fixed order under deterministic algorithms.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import logging
 import math
 import os
 from typing import Callable, Optional
@@ -49,25 +62,65 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from fastrm.attention.gather import gather_rows
 from fastrm.attention.metadata import VarlenMetadata
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "cpu_flash", "sdpa_segments", "reference")
 ENV_VAR = "FASTRM_ATTENTION_BACKEND"
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation; CUDA only"
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    """Logs ``message`` as a warning the first time it comes up in this process."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.warning(message)
 
 
 @functools.lru_cache(maxsize=1)
-def _flash_attn_varlen_func() -> Optional[Callable]:
+def _flash_attn_import() -> tuple[Optional[Callable], str]:
+    """``(flash_attn_varlen_func, "")`` or ``(None, why not)``. Not installed is silent; an
+    install that fails to import is logged once with the error."""
     try:
         from flash_attn import flash_attn_varlen_func
-    except Exception:  # ImportError, or a broken CUDA build raising at import
-        return None
-    return flash_attn_varlen_func
+    except ModuleNotFoundError as err:
+        if err.name == "flash_attn":
+            return None, f"flash-attn is not installed ({_FLASH_ATTN_INSTALL})"
+        reason = f"flash-attn is installed but does not import ({type(err).__name__}: {err})"
+    except Exception as err:  # a broken CUDA build: OSError / RuntimeError / undefined symbol
+        reason = f"flash-attn is installed but does not import ({type(err).__name__}: {err})"
+    else:
+        return flash_attn_varlen_func, ""
+    _log_once(f"{reason}; fastrm treats it as absent (reinstall it to match this torch and CUDA)")
+    return None, reason
+
+
+def _flash_attn_varlen_func() -> Optional[Callable]:
+    return _flash_attn_import()[0]
 
 
 def flash_attn_available() -> bool:
     """True when ``flash_attn`` imports (it says nothing about the device)."""
     return _flash_attn_varlen_func() is not None
+
+
+def flash_attn_unavailable_reason() -> str:
+    """Why ``flash_attn`` does not import (empty string when it does)."""
+    return _flash_attn_import()[1]
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_takes_deterministic() -> bool:
+    """flash-attn >= 2.4 has ``deterministic`` (for its backward); older ones do not."""
+    fn = _flash_attn_varlen_func()
+    try:
+        return fn is not None and "deterministic" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a C function without a signature
+        return False
 
 
 def _torch_varlen_available() -> bool:
@@ -107,6 +160,57 @@ def cpu_flash_unavailable_reason(q: torch.Tensor, dropout_p: float = 0.0) -> str
     return ""
 
 
+def _cuda_flash_reason(name: str, q: torch.Tensor) -> str:
+    """Device, dtype and GPU generation checks shared by the two flash kernels."""
+    if not q.is_cuda:
+        return f"{name} runs on CUDA tensors (q is on {q.device}); use sdpa_segments"
+    if q.dtype not in _FLASH_DTYPES:
+        return (f"{name} takes fp16/bf16 tensors (q is {q.dtype}); train in bf16 (recipe "
+                "`dtype: bf16` or `auto`) or choose sdpa_segments / flex for fp32")
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 8:
+        return f"{name} needs an Ampere or newer GPU (sm80+), this one is sm{major}{minor}"
+    return ""
+
+
+def backend_unavailable_reason(name: str, q: torch.Tensor, dropout_p: float = 0.0,
+                               needs_grad: bool = False) -> str:
+    """Why backend ``name`` cannot run queries ``q`` (empty string when it can).
+
+    ``needs_grad``: a backward will follow (``flex`` has none on CPU)."""
+    d = q.shape[-1]
+    if name == "flash_attn":
+        reason = flash_attn_unavailable_reason() or _cuda_flash_reason(name, q)
+        if not reason and d > 256:
+            reason = f"flash_attn supports head dims up to 256, got {d}"
+        return reason
+    if name == "torch_varlen":
+        if not _torch_varlen_available():
+            return "torch_varlen needs torch.nn.attention.varlen (PyTorch >= 2.9)"
+        reason = _cuda_flash_reason(name, q)
+        if not reason and (d % 8 or d > 256):
+            reason = f"torch_varlen needs a head dim that is a multiple of 8 up to 256, got {d}"
+        if not reason and dropout_p:
+            reason = ("torch_varlen has no attention dropout (torch.nn.attention.varlen runs "
+                      "its kernel with dropout 0); set attn_dropout=0 or choose flash_attn / "
+                      "sdpa_segments")
+        return reason
+    if name == "cpu_flash":
+        return cpu_flash_unavailable_reason(q, dropout_p)
+    if name == "flex":
+        if dropout_p:
+            return "flex has no attention dropout; set attn_dropout=0 or choose sdpa_segments"
+        if not q.is_cuda and needs_grad:
+            return ("flex has no backward on CPU in PyTorch; use sdpa_segments (the CPU default) "
+                    "for training on CPU")
+        return ""
+    if name == "reference":
+        return "reference has no attention dropout; set dropout_p=0" if dropout_p else ""
+    if name == "sdpa_segments":
+        return ""
+    raise ValueError(f"attention backend {name!r} is not known; choose one of {', '.join(BACKENDS)}")
+
+
 def check_backend(name: Optional[str]) -> Optional[str]:
     """Normalises a backend name (``None`` / ``"auto"`` -> ``None``); raises on unknown names."""
     if name is None:
@@ -124,24 +228,42 @@ def check_backend(name: Optional[str]) -> Optional[str]:
 
 def select_backend(
     q: torch.Tensor, backend: Optional[str] = None, has_prefix: bool = False,
-    dropout_p: float = 0.0,
+    dropout_p: float = 0.0, needs_grad: Optional[bool] = None,
 ) -> str:
-    """Resolves the backend for ``q``'s device and dtype (see module docstring for the order).
+    """Resolves the backend for ``q``'s device and dtype (see the module docstring).
 
-    ``has_prefix`` is accepted for symmetry with the dispatch; every backend handles prefixes.
-    The automatic choice skips ``cpu_flash`` when ``dropout_p > 0`` (it has no dropout).
+    Args:
+        q: ``[T, H, D]`` queries (device, dtype and head dim decide).
+        backend: explicit choice, else ``$FASTRM_ATTENTION_BACKEND``, else automatic.
+        has_prefix: accepted for symmetry with the dispatch; every backend handles prefixes.
+        dropout_p: attention dropout of the call (some backends have none).
+        needs_grad: a backward follows; default ``torch.is_grad_enabled() and q.requires_grad``.
+
+    Raises:
+        ValueError: an unknown name, or an explicit choice that cannot run ``q`` (the message
+            names the backend, why, and what to do).
     """
-    name = check_backend(backend)
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and q.requires_grad
+    name, source = check_backend(backend), "backend"
     if name is None:
-        name = check_backend(os.environ.get(ENV_VAR))
+        name, source = check_backend(os.environ.get(ENV_VAR)), f"${ENV_VAR}"
     if name is not None:
+        reason = backend_unavailable_reason(name, q, dropout_p, needs_grad)
+        if reason:
+            raise ValueError(f"attention backend {name!r} (from {source}) cannot run here: {reason}")
         return name
-    if q.is_cuda and q.dtype in _FLASH_DTYPES:
-        if flash_attn_available():
-            return "flash_attn"
-        if _torch_varlen_available():
-            return "torch_varlen"
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_flash_unavailable_reason(q, dropout_p):
+    if q.is_cuda:
+        skipped = []
+        for candidate in ("flash_attn", "torch_varlen"):
+            reason = backend_unavailable_reason(candidate, q, dropout_p, needs_grad)
+            if not reason:
+                return candidate
+            skipped.append(reason)
+        _log_once("packed attention on CUDA falls back to sdpa_segments (one SDPA call per "
+                  "distinct segment length, slower): " + "; ".join(skipped))
+        return "sdpa_segments"
+    if q.dtype == torch.bfloat16 and not cpu_flash_unavailable_reason(q, dropout_p):
         return "cpu_flash"
     return "sdpa_segments"
 
@@ -163,14 +285,16 @@ def _sdpa_segments(
     gqa = hk != h
     # one gather per tensor for all groups, then a split (see SegmentPlan): the backward is one
     # scatter, not one full-size zero-fill + accumulate per group
-    if plan.query_index is not None:
+    # (query_index is a permutation: its plain backward adds nothing twice; key_index repeats
+    # prefix keys: gather_rows sums their gradients in fp32)
+    if plan.key_rows is not None:
+        q_all = q if plan.query_index is None else q.index_select(0, plan.query_index)
+        k_all = gather_rows(k, plan.key_rows)
+        v_all = gather_rows(v, plan.key_rows)
+    elif plan.query_index is not None:
         q_all = q.index_select(0, plan.query_index)
-        k_all = k.index_select(0, plan.query_index if plan.key_index is None else plan.key_index)
-        v_all = v.index_select(0, plan.query_index if plan.key_index is None else plan.key_index)
-    elif plan.key_index is not None:
-        q_all = q
-        k_all = k.index_select(0, plan.key_index)
-        v_all = v.index_select(0, plan.key_index)
+        k_all = k.index_select(0, plan.query_index)
+        v_all = v.index_select(0, plan.query_index)
     else:
         q_all, k_all, v_all = q, k, v
     if len(plan.groups) == 1:
@@ -228,9 +352,6 @@ def _cpu_flash(
     scale: Optional[float],
 ) -> torch.Tensor:
     """The native CPU kernels on the packed layout (see the module docstring)."""
-    reason = cpu_flash_unavailable_reason(q, dropout_p)
-    if reason:
-        raise RuntimeError(f"attention backend 'cpu_flash' cannot run: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # k / v may be views into torchtune's GQA-expanded copies: keep only the H_kv heads alive
     # for the backward
@@ -248,8 +369,6 @@ def _reference(
     scale: Optional[float],
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` with the dense ``[T, T]`` rule mask, in ``q``'s dtype."""
-    if dropout_p:
-        raise ValueError("the reference attention backend has no dropout; set dropout_p=0")
     h, hk = q.shape[1], k.shape[1]
     if hk != h:
         k = k.repeat_interleave(h // hk, dim=1)
@@ -280,8 +399,8 @@ def flash_layout(
         return k, v, cu, cu, meta.max_seqlen, meta.max_seqlen
     kg = meta.key_gather()
     return (
-        k.index_select(0, kg.key_index),
-        v.index_select(0, kg.key_index),
+        gather_rows(k, kg.rows),
+        gather_rows(v, kg.rows),
         cu,
         kg.cu_seqlens_k,
         meta.max_seqlen,
@@ -298,20 +417,20 @@ def _flash_attn(
     scale: Optional[float],
 ) -> torch.Tensor:
     """``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k, dropout_p, softmax_scale, causal=True)``; GQA is native (``H_kv | H``)."""
+    max_seqlen_k, dropout_p, softmax_scale, causal=True, deterministic=...)``; GQA is native
+    (``H_kv | H``). ``deterministic`` (its backward) follows
+    ``torch.are_deterministic_algorithms_enabled()``."""
     fn = _flash_attn_varlen_func()
-    if fn is None:
-        raise RuntimeError(
-            "attention backend 'flash_attn' was selected but flash-attn is not installed "
-            "(pip install flash-attn --no-build-isolation, CUDA only); choose 'torch_varlen' "
-            f"or 'sdpa_segments' instead, or unset {ENV_VAR}"
-        )
-    if not q.is_cuda:
-        raise RuntimeError("attention backend 'flash_attn' needs CUDA tensors; use 'sdpa_segments'")
     k, v, cu_q, cu_k, max_q, max_k = flash_layout(k, v, meta)
+    extra = {}
+    if _flash_attn_takes_deterministic():
+        extra["deterministic"] = torch.are_deterministic_algorithms_enabled()
+    elif torch.are_deterministic_algorithms_enabled():
+        _log_once("this flash-attn has no `deterministic` argument (flash-attn < 2.4): its "
+                  "backward is not deterministic; upgrade it or choose torch_varlen")
     return fn(
         q, k, v, cu_q, cu_k, max_q, max_k,
-        dropout_p=dropout_p, softmax_scale=scale, causal=True,
+        dropout_p=dropout_p, softmax_scale=scale, causal=True, **extra,
     )
 
 
@@ -324,17 +443,9 @@ def _torch_varlen(
     scale: Optional[float],
 ) -> torch.Tensor:
     """``torch.nn.attention.varlen.varlen_attn`` (PyTorch's flash kernel) with causal
-    ``window_size=(-1, 0)``, whose window is bottom-right aligned like flash-attn's."""
-    if not _torch_varlen_available():
-        raise RuntimeError(
-            "attention backend 'torch_varlen' needs torch.nn.attention.varlen (PyTorch >= 2.9)"
-        )
-    if not q.is_cuda:
-        raise RuntimeError("attention backend 'torch_varlen' needs CUDA tensors; use 'sdpa_segments'")
-    if dropout_p:
-        raise ValueError(
-            "attention backend 'torch_varlen' has no dropout; set attn_dropout=0 or use 'flash_attn'"
-        )
+    ``window_size=(-1, 0)``, whose window is bottom-right aligned like flash-attn's. No
+    dropout (:func:`select_backend` refuses ``dropout_p > 0``); PyTorch makes its backward
+    deterministic itself under ``torch.use_deterministic_algorithms(True)``."""
     from torch.nn.attention.varlen import varlen_attn
 
     k, v, cu_q, cu_k, max_q, max_k = flash_layout(k, v, meta)
@@ -369,16 +480,8 @@ def _flex(
     scale: Optional[float],
 ) -> torch.Tensor:
     """FlexAttention over the whole row with ``meta.flex_block_mask()`` (the rule as a
-    ``mask_mod``); GQA native."""
-    if dropout_p:
-        raise ValueError("attention backend 'flex' has no dropout; set attn_dropout=0")
-    if not q.is_cuda and torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad
-    ):
-        raise RuntimeError(
-            "attention backend 'flex' has no backward on CPU in PyTorch; use 'sdpa_segments' "
-            "(the CPU default) for training on CPU"
-        )
+    ``mask_mod``); GQA native. No dropout, no backward on CPU (:func:`select_backend`
+    refuses both)."""
     out = _flex_attention_fn(q.device)(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
@@ -431,6 +534,10 @@ def varlen_attention(
 
     Returns:
         ``[T, H, D]`` attention output, ``q``'s dtype.
+
+    Raises:
+        ValueError: malformed shapes or layout, or an explicit backend that cannot run these
+            tensors (see :func:`select_backend`).
     """
     if metadata is None:
         if cu_seqlens is None:
@@ -452,6 +559,7 @@ def varlen_attention(
             f"heads: q has {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]}; need H % H_kv == 0 and "
             "k, v with the same heads"
         )
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     name = select_backend(q, backend if backend is not None else metadata.backend,
-                          metadata.has_prefix, dropout_p)
+                          metadata.has_prefix, dropout_p, needs_grad)
     return _IMPLS[name](q, k, v, metadata, dropout_p, scale)
