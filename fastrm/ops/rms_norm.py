@@ -6,8 +6,10 @@ input) and returned in ``x``'s dtype: torchtune's :class:`~torchtune.modules.RMS
 ``x`` (and more) alive until the backward; :class:`RMSNormFunction` keeps ``x`` itself and one
 float per row, and its backward is one pass per row.
 
-Backends: the C++ op from ``kernels/rms_norm.cpp`` on CPU (fp32, fp64, bf16), plain torch
-everywhere else and inside ``torch.compile`` graphs (where inductor fuses the same formula).
+Backends: the C++ op from ``kernels/rms_norm.cpp`` on CPU (fp32, fp64, bf16), the Triton
+kernels of :mod:`fastrm.ops.rms_norm_triton` on CUDA (fp32, bf16, fp16), plain torch everywhere
+else and inside ``torch.compile`` graphs (where inductor fuses the same formula). Every backend
+saves the same two tensors and returns ``rstd`` fp32 (fp64 for fp64 input).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from fastrm import _native
+from fastrm.ops import rms_norm_triton
+from fastrm.ops.triton_support import triton_ok
 
 FORWARD_OP = "rms_norm_forward"
 BACKWARD_OP = "rms_norm_backward"
@@ -53,10 +57,12 @@ def rms_norm_backward_torch(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward on ``x [R, D]`` by the C++ op when it runs ``x``, else the torch formula
-    (no autograd): ``(y [R, D], rstd [R])``."""
+    """Forward on ``x [R, D]`` by the C++ op (CPU) or the Triton kernel (CUDA) when it runs
+    ``x``, else the torch formula (no autograd): ``(y [R, D], rstd [R])``."""
     if native_ok(x):
         return torch.ops.fastrm.rms_norm_forward(x, weight, eps)
+    if triton_ok(x):
+        return rms_norm_triton.rms_norm_forward_triton(x, weight, eps)
     return rms_norm_forward_torch(x, weight, eps)
 
 
@@ -78,6 +84,8 @@ class RMSNormFunction(torch.autograd.Function):
         gy = grad_y.reshape(x2.shape).to(x2.dtype)
         if native_ok(x2):
             dx, dw = torch.ops.fastrm.rms_norm_backward(gy, x2, weight, rstd)
+        elif triton_ok(x2):
+            dx, dw = rms_norm_triton.rms_norm_backward_triton(gy, x2, weight, rstd)
         else:
             dx, dw = rms_norm_backward_torch(gy, x2, weight, rstd)
         return (dx.view(ctx.shape) if ctx.needs_input_grad[0] else None,

@@ -10,8 +10,9 @@ backward is the inverse rotation, so :class:`RopeFunction` keeps only the gather
 Shapes: ``x [T, H, D]`` (any leading dims flatten into ``T``), ``cos_sin [T, D/2, 2]`` fp32
 (fp64 for fp64 ``x``). Math in fp32, output in ``x``'s dtype.
 
-Backends: the C++ op from ``kernels/rope.cpp`` on CPU (fp32, fp64, bf16), plain torch elsewhere
-and inside ``torch.compile`` graphs.
+Backends: the C++ op from ``kernels/rope.cpp`` on CPU (fp32, fp64, bf16), the Triton kernel of
+:mod:`fastrm.ops.rope_triton` on CUDA (fp32, bf16, fp16 ``x``), plain torch elsewhere and inside
+``torch.compile`` graphs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Optional
 import torch
 
 from fastrm import _native
+from fastrm.ops import rope_triton
+from fastrm.ops.triton_support import triton_ok
 
 OP = "rope_rotate"
 NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -56,6 +59,8 @@ def rope_rotate_torch(x: torch.Tensor, cos_sin: torch.Tensor, inverse: bool) -> 
 def _rotate(x: torch.Tensor, cos_sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     if native_ok(x):
         return torch.ops.fastrm.rope_rotate(x, cos_sin, inverse)
+    if triton_ok(x) and cos_sin.dtype == torch.float32:
+        return rope_triton.rope_rotate_triton(x, cos_sin, inverse)
     return rope_rotate_torch(x, cos_sin, inverse)
 
 

@@ -9,7 +9,8 @@ part is :func:`silu_mul` (``a = silu(g) * u``) and its backward, one pass each.
 Shapes: ``x [..., D]``, ``w1, w3 [I, D]``, ``w2 [D, I]`` (``nn.Linear`` weights, no bias).
 
 Backends of the elementwise part: the C++ op from ``kernels/swiglu.cpp`` on CPU (fp32, fp64,
-bf16), plain torch elsewhere and inside ``torch.compile`` graphs.
+bf16), the Triton kernels of :mod:`fastrm.ops.swiglu_triton` on CUDA (fp32, bf16, fp16), plain
+torch elsewhere and inside ``torch.compile`` graphs. The matmuls are torch's on every device.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from fastrm import _native
+from fastrm.ops import swiglu_triton
+from fastrm.ops.triton_support import triton_ok
 
 FORWARD_OP = "silu_mul_forward"
 BACKWARD_OP = "silu_mul_backward"
@@ -38,6 +41,8 @@ def silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` in fp32 (fp64 for fp64), one rounding to the inputs' dtype."""
     if native_ok(gate):
         return torch.ops.fastrm.silu_mul_forward(gate, up)
+    if triton_ok(gate):
+        return swiglu_triton.silu_mul_forward_triton(gate, up)
     g = _acc(gate)
     return (g * torch.sigmoid(g) * _acc(up)).to(gate.dtype)
 
@@ -47,6 +52,8 @@ def silu_mul_backward(grad_a: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     """``(grad_gate, grad_up)`` of ``a = silu(gate) * up``."""
     if native_ok(gate):
         return torch.ops.fastrm.silu_mul_backward(grad_a, gate, up)
+    if triton_ok(gate):
+        return swiglu_triton.silu_mul_backward_triton(grad_a, gate, up)
     g, d = _acc(gate), _acc(grad_a)
     s = torch.sigmoid(g)
     dg = d * _acc(up) * s * (1 + g * (1 - s))

@@ -1,9 +1,11 @@
 """The lean layer ops (RMSNorm, SwiGLU, RoPE) against torchtune's own modules in float64.
 
-Every op runs on both backends (the C++ kernels of ``kernels/`` and the plain-torch fallback)
-over a grid of shapes (head / model dims that are and are not multiples of the vector width)
-and dtypes; the reference is torchtune's module evaluated in float64 on the same (rounded)
-inputs, its gradients from autograd. Inputs are fresh random tensors.
+Every op runs on each backend (the C++ kernels of ``kernels/``, the Triton kernels of
+``*_triton.py`` through Triton's interpreter on CPU tensors, and the plain-torch fallback) over
+a grid of shapes (head / model dims that are and are not multiples of the vector width) and
+dtypes; the reference is torchtune's module evaluated in float64 on the same (rounded) inputs,
+its gradients from autograd. Inputs are fresh random tensors. The Triton backend takes fp32,
+bf16 and fp16 (fp64 cases run on the other two).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from fastrm.ops import swiglu as swiglu_mod
 from fastrm.ops.rms_norm import rms_norm
 from fastrm.ops.rope import apply_rope, rope_cos_sin
 from fastrm.ops.swiglu import silu_mul, swiglu_mlp
+from fastrm.ops.triton_support import TRITON_DTYPES, TRITON_IMPORT_ERROR, interpreted
 
 BACKENDS = [
     pytest.param("native", marks=pytest.mark.skipif(
         not _native.has_op("rms_norm_forward"), reason=f"native ops not built: {_native.unavailable_reason()}")),
+    pytest.param("triton", marks=pytest.mark.skipif(
+        not interpreted(), reason=TRITON_IMPORT_ERROR or "Triton's interpreter is off (TRITON_INTERPRET)")),
     "torch",
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -36,10 +41,18 @@ TOL = {
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """Forces the backend: ``torch`` turns the native path off in all three op modules."""
-    if request.param == "torch":
+    """Forces the backend in all three op modules: ``torch`` turns the native path off,
+    ``triton`` also routes CPU tensors to the Triton kernels (run by the interpreter)."""
+    if request.param in ("torch", "triton"):
         for mod in (rms_mod, swiglu_mod, rope_mod):
             monkeypatch.setattr(mod, "native_ok", lambda t: False)
+    if request.param == "triton":
+        params = getattr(request.node, "callspec", None)
+        dtype = params.params.get("dtype") if params is not None else None
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            pytest.skip(f"the Triton kernels take {TRITON_DTYPES}, not {dtype}")
+        for mod in (rms_mod, swiglu_mod, rope_mod):
+            monkeypatch.setattr(mod, "triton_ok", lambda t: t.dtype in TRITON_DTYPES)
     return request.param
 
 
@@ -75,6 +88,9 @@ def _ref_grads(module_fn, inputs, grad_out):
 def test_rms_norm_matches_torchtune(backend, dtype, shape):
     from torchtune.modules import RMSNorm
 
+    if backend == "triton" and shape[1] > 100:
+        pytest.skip("the interpreter runs one Python program per row: wide and multi-block rows "
+                    "are in test_layer_ops_triton.py, the compiled kernel in its sm90 check")
     d = shape[-1]
     x = _leaf(shape, dtype, 3.0)
     w = _leaf((d,), dtype)
