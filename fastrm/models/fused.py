@@ -10,7 +10,7 @@
   (:func:`fastrm.ops.apply_rope`),
 
 the same math with the saved activations cut to what each backward needs (about half of a
-layer's activation memory) and one pass per op on CPU (C++ kernels). Within
+layer's activation memory) and one pass per op (C++ kernels on CPU, Triton kernels on CUDA). Within
 :func:`recompute_norm_outputs` (the reward model's packed forward uses it), a norm's output is
 not kept for the projections that read it either: their backward recomputes it from the norm's
 input, which the norm keeps anyway (one elementwise pass, two ``[T, D]`` tensors less per
