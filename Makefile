@@ -3,13 +3,16 @@
 #   make test        install, run the default (fast) test suite      (.ci/run calls this)
 #   make test-slow   the slow tests (real checkpoints, multi-process runs)
 #   make bench       benchmarks/ (tables, JSON, PNG in benchmarks/results/)
+#   make gpu-check   on a CUDA machine (no install step: GPU hosts may be offline): Triton
+#                    kernels, attention backends, packed SmolLM2, recipe steps, bench_trl
+#                    against references in < 5 min; benchmarks/results/gpu_check_<date>.*
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 CONSTRAINTS := constraints-cpu.txt
 # torch==2.13.0 is named in the same command as everything else so pip never picks a CUDA build.
 export FASTRM_REQUIRE_NATIVE ?= 1
 
-.PHONY: install train test test-slow bench clean
+.PHONY: install train test test-slow bench gpu-check clean
 
 install:
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0 "setuptools>=68" wheel
@@ -29,6 +32,9 @@ test-slow: install
 
 bench: install
 	$(PYTHON) benchmarks/run_all.py
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build fastrm/_C*.so *.egg-info
