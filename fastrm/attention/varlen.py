@@ -160,6 +160,13 @@ def cpu_flash_unavailable_reason(q: torch.Tensor, dropout_p: float = 0.0) -> str
     return ""
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: Optional[int]) -> tuple[int, int]:
+    """Compute capability of CUDA device ``index`` (asked once per device: every layer of every
+    step goes through the backend choice)."""
+    return torch.cuda.get_device_capability(index)
+
+
 def _cuda_flash_reason(name: str, q: torch.Tensor) -> str:
     """Device, dtype and GPU generation checks shared by the two flash kernels."""
     if not q.is_cuda:
@@ -167,7 +174,7 @@ def _cuda_flash_reason(name: str, q: torch.Tensor) -> str:
     if q.dtype not in _FLASH_DTYPES:
         return (f"{name} takes fp16/bf16 tensors (q is {q.dtype}); train in bf16 (recipe "
                 "`dtype: bf16` or `auto`) or choose sdpa_segments / flex for fp32")
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = _capability(q.device.index)
     if major < 8:
         return f"{name} needs an Ampere or newer GPU (sm80+), this one is sm{major}{minor}"
     return ""

@@ -89,7 +89,9 @@ def gpu(monkeypatch):
     """A compute capability for the stand-in CUDA device (default sm90)."""
     cap = {"value": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
-    return cap
+    V._capability.cache_clear()
+    yield cap
+    V._capability.cache_clear()
 
 
 def cuda_q(dtype=torch.bfloat16, head_dim=64, requires_grad=True):
@@ -197,6 +199,7 @@ def test_head_dim_and_gpu_generation(flash, gpu):
     assert backend_unavailable_reason("flash_attn", cuda_q(head_dim=36)) == ""  # it pads
     assert "up to 256" in backend_unavailable_reason("flash_attn", cuda_q(head_dim=320))
     gpu["value"] = (7, 5)
+    V._capability.cache_clear()
     for name in ("flash_attn", "torch_varlen"):
         assert "sm75" in backend_unavailable_reason(name, cuda_q())
     assert select_backend(cuda_q()) == "sdpa_segments"
