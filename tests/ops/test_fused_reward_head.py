@@ -20,14 +20,14 @@ from torchtune import config
 from fastrm import _native
 from fastrm import functional as RF
 from fastrm.ops import BACKENDS, FusedRewardHeadLoss, available_backends, fused_reward_head_loss
-from fastrm.ops import dispatch
-from fastrm.ops import fused_reward_head as tri
+from fastrm.ops import head_loss
+from fastrm.ops import head_loss_triton as tri
 
 
 def _backend_params():
     params = []
     for b in BACKENDS:
-        reason = dispatch.backend_unavailable_reason(b, torch.device("cpu"))
+        reason = head_loss.backend_unavailable_reason(b, torch.device("cpu"))
         if b == "triton" and tri.triton is None:
             params.append(pytest.param(b, marks=pytest.mark.skip(reason=reason)))
         elif b == "native" and not _native.available():

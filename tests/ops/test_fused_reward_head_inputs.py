@@ -7,8 +7,8 @@ import torch
 
 from fastrm import _native
 from fastrm.ops import fused_reward_head_loss, resolve_backend
-from fastrm.ops import dispatch
-from fastrm.ops import fused_reward_head as tri
+from fastrm.ops import head_loss
+from fastrm.ops import head_loss_triton as tri
 from fastrm.ops import head_loss_native
 
 T, D, N, P = 12, 10, 6, 3
@@ -101,16 +101,16 @@ def test_index_dtypes_int32_are_accepted():
 
 def test_automatic_backend_choice(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(head_loss.BACKEND_ENV, raising=False)
     want = "native" if head_loss_native.native_available() else "torch"
     assert resolve_backend(None, cpu) == want
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
+    monkeypatch.setenv(head_loss.BACKEND_ENV, "torch")
     assert resolve_backend(None, cpu) == "torch"
     assert resolve_backend("native" if want == "native" else "torch", cpu) == want  # argument wins
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "fast")
+    monkeypatch.setenv(head_loss.BACKEND_ENV, "fast")
     with pytest.raises(ValueError, match=r"\$FASTRM_HEAD_BACKEND='fast' is not known"):
         resolve_backend(None, cpu)
-    monkeypatch.delenv(dispatch.BACKEND_ENV)
+    monkeypatch.delenv(head_loss.BACKEND_ENV)
     # without the C++ op the automatic choice falls back to torch
     monkeypatch.setattr(head_loss_native, "native_available", lambda: False)
     monkeypatch.setattr(head_loss_native, "native_unavailable_reason", lambda: "not built (test)")
@@ -127,8 +127,8 @@ def test_native_unavailable_reason_comes_from_the_loader(monkeypatch):
 
 
 def test_native_is_cpu_only_and_triton_needs_cuda_or_interpreter(monkeypatch):
-    assert "CPU-only" in dispatch.backend_unavailable_reason("native", torch.device("cuda"))
-    assert dispatch.backend_unavailable_reason("triton", torch.device("cuda")) in ("", tri._TRITON_IMPORT_ERROR)
+    assert "CPU-only" in head_loss.backend_unavailable_reason("native", torch.device("cuda"))
+    assert head_loss.backend_unavailable_reason("triton", torch.device("cuda")) in ("", tri._TRITON_IMPORT_ERROR)
     monkeypatch.setattr(tri, "_interpreted", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r"backend='triton' is unavailable: .*TRITON_INTERPRET=1"):
