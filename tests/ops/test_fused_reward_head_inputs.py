@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fastrm import _native
-from fastrm.ops import fused_reward_head_loss, resolve_backend
+from fastrm import functional as RF
+from fastrm.ops import BACKENDS, available_backends, fused_reward_head_loss, resolve_backend
 from fastrm.ops import head_loss
 from fastrm.ops import head_loss_triton as tri
 from fastrm.ops import head_loss_native
@@ -93,10 +94,15 @@ def test_bad_input_raises_value_error_naming_the_field(changes, match):
 
 
 def test_index_dtypes_int32_are_accepted():
-    a, _ = call()
-    b, _ = call(reward_positions=torch.tensor([0, 2, 4, 6, 8, 10], dtype=torch.int32),
-                chosen_index=torch.tensor([0, 1, 2], dtype=torch.int32))
-    torch.testing.assert_close(a, b)
+    """int32 indices give the float64 reference's loss (fastrm.functional on int64 indices)."""
+    a = good_args()
+    loss, rewards = call(reward_positions=a["reward_positions"].int(), chosen_index=a["chosen_index"].int(),
+                         rejected_index=a["rejected_index"].int())
+    want_rewards = a["hidden"].double()[a["reward_positions"]] @ a["weight"].double() + a["bias"].double()
+    want = RF.comparison_loss(want_rewards, a["chosen_index"], a["rejected_index"], a["margin"].double(),
+                              a["comparison_weight"].double())
+    torch.testing.assert_close(rewards.double(), want_rewards, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_automatic_backend_choice(monkeypatch):
@@ -104,6 +110,9 @@ def test_automatic_backend_choice(monkeypatch):
     monkeypatch.delenv(head_loss.BACKEND_ENV, raising=False)
     want = "native" if head_loss_native.native_available() else "torch"
     assert resolve_backend(None, cpu) == want
+    assert available_backends("cpu") == [b for b in BACKENDS if b == "torch"
+                                         or (b == "native" and want == "native")
+                                         or (b == "triton" and tri._interpreted())]
     monkeypatch.setenv(head_loss.BACKEND_ENV, "torch")
     assert resolve_backend(None, cpu) == "torch"
     assert resolve_backend("native" if want == "native" else "torch", cpu) == want  # argument wins
