@@ -323,7 +323,8 @@ def _launch_forward(inp: HeadLossInputs):
 
 
 def _launch_backward(hidden, weight, upos, coef, grad_loss, need_hidden: bool):
-    """``(grad_hidden | None, grad_weight [D] fp32, grad_bias [] fp32)``, ``grad_output`` read on the device."""
+    """``(grad_hidden | None, grad_weight [D] fp32, grad_bias [] fp32)``; ``grad_output`` is read
+    on the device."""
     t, d = hidden.shape
     u = upos.shape[0]
     block_u = block_size("_head_backward_kernel", "BLOCK_U", u)

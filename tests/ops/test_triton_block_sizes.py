@@ -42,6 +42,14 @@ def _cases() -> list[tuple[str, dict, dict]]:
 CASES = _cases()
 
 
+def test_axes_name_every_block_with_a_choice():
+    """A new ``BLOCK_*`` in the launcher's table must join an axis here (or have one value)."""
+    named = {block for blocks in AXES.values() for block in blocks}
+    for kernel, blocks in tri.BLOCKS.items():
+        for name in blocks:
+            assert (kernel, name) in named or len(V.block_choices((kernel, name))) == 1, (kernel, name)
+
+
 def test_cases_cover_every_block_choice():
     for axis, blocks in AXES.items():
         for kernel, name in blocks:

@@ -58,7 +58,8 @@ def _check_coverage(summary: dict) -> None:
     want_gather = {(TRITON_TYPES[h], TRITON_TYPES[w], TRITON_TYPES[b or V.F32])
                    for (h, w, b), _ in V.head_flags()}
     assert pointer_types("_gather_dot_kernel", "hidden_ptr", "w_ptr", "bias_ptr") == want_gather
-    want_backward = {(TRITON_TYPES[h], TRITON_TYPES[h], TRITON_TYPES[w]) for (h, w, _), _ in V.head_flags()}
+    want_backward = {(TRITON_TYPES[h], TRITON_TYPES[h], TRITON_TYPES[w])
+                     for (h, w, _), _ in V.head_flags()}
     assert pointer_types("_head_backward_kernel", "hidden_ptr", "gh_ptr", "w_ptr") == want_backward
     assert ("*bf16", "*fp32") in {t[:2] for t in want_gather}  # fp32 head over bf16 hidden
 

@@ -124,9 +124,11 @@ def head_cases(every: bool) -> list[Head]:
     rows, dims = block_choices(*ROWS), block_choices(*HIDDEN_DIM)
     flags = head_flags()
     if every:
-        return [Head(u, d, dt, nh) for (u, d), (dt, nh) in itertools.product(every_choice(rows, dims), flags)]
+        return [Head(u, d, dt, nh)
+                for (u, d), (dt, nh) in itertools.product(every_choice(rows, dims), flags)]
     largest = (list(rows.values())[-1][-1], list(dims.values())[-1][-1])
-    return [Head(u, d) for u, d in corner_sweep(rows, dims)] + [Head(*largest, dt, nh) for dt, nh in flags]
+    return ([Head(u, d) for u, d in corner_sweep(rows, dims)]
+            + [Head(*largest, dt, nh) for dt, nh in flags])
 
 
 def loss_cases(every: bool) -> list[Loss]:
