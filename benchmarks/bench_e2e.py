@@ -603,7 +603,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         tqdm.write(f"{d:14s} {m:14s} " + "  ".join(
             f"{r['layout']} {r['speedup_vs_padded']['median']:.2f}x" for r in rows))
     from fastrm.attention.varlen import select_backend
-    from fastrm.ops.dispatch import resolve_backend
+    from fastrm.ops import resolve_backend
 
     probe = torch.zeros(1, 1, 8, device=args.device, dtype=dtype)
     result = {

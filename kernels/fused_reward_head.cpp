@@ -1,7 +1,7 @@
 // Fused reward head + pairwise loss for CPU: the native backend of fastrm.ops.
 //
 //   rewards[n] = hidden[pos[n]] . weight + bias                         (n < N, fp32 accumulation)
-//   loss, dL/dr[N] in closed form (pair or cross-prompt contrast mode; fastrm/ops/_common.py)
+//   loss, dL/dr[N] in closed form (pair or cross-prompt contrast mode; fastrm/ops/head_loss_contract.py)
 //   backward: grad_hidden[pos[n]] += g * dL/dr[n] * weight, grad_weight = g * sum_n dL/dr[n] *
 //             hidden[pos[n]], grad_bias = g * sum_n dL/dr[n]
 //

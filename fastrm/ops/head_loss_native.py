@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastrm import _native
-from fastrm.ops._common import HeadLossInputs
+from fastrm.ops.head_loss_contract import HeadLossFunction, HeadLossInputs
 
 FORWARD_OP = "fused_reward_head_forward"
 BACKWARD_OP = "fused_reward_head_backward"
@@ -33,37 +33,20 @@ def native_unavailable_reason() -> str:
             f"kernels/fused_reward_head.cpp existed; rebuild with `python setup.py build_ext --inplace`")
 
 
-class NativeFusedRewardHeadLossFunction(torch.autograd.Function):
-    """``(loss, rewards) = f(hidden [T, D], weight [D], bias [] | None, ...)`` via the C++ ops."""
+class NativeHeadLossFunction(HeadLossFunction):
+    """``(loss, rewards) = f(hidden [T, D], weight [D], bias [] | None)`` via the C++ ops."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, positions, chosen, rejected, margin, cweight,
-                contrast_w, objective, label_smoothing, hinge_margin, centering):
+    def _forward(inp: HeadLossInputs):
+        o = inp.options
         rewards, loss, dldr = torch.ops.fastrm.fused_reward_head_forward(
-            hidden, weight, bias, positions, chosen, rejected, margin, cweight, contrast_w,
-            objective, label_smoothing, hinge_margin, centering)
-        ctx.save_for_backward(hidden, weight, positions, dldr)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.mark_non_differentiable(rewards)
-        return loss, rewards
+            inp.hidden, inp.weight, inp.bias, inp.reward_positions, inp.chosen_index,
+            inp.rejected_index, inp.margin, inp.comparison_weight, inp.contrast_weights,
+            o.objective, o.label_smoothing, o.hinge_margin, o.centering_coefficient)
+        return loss, rewards, (inp.reward_positions, dldr)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_rewards):
-        hidden, weight, positions, dldr = ctx.saved_tensors
-        need_hidden = ctx.needs_input_grad[0]
-        grad_hidden, grad_weight, grad_bias = torch.ops.fastrm.fused_reward_head_backward(
-            hidden, weight, positions, dldr, grad_loss.detach(), need_hidden)
-        return (
-            grad_hidden if need_hidden else None,
-            grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-            grad_bias.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None,
-        ) + (None,) * 10
-
-
-def native_head_loss(inp: HeadLossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs :class:`NativeFusedRewardHeadLossFunction` on checked CPU inputs."""
-    return NativeFusedRewardHeadLossFunction.apply(
-        inp.hidden, inp.weight, inp.bias, inp.reward_positions, inp.chosen_index,
-        inp.rejected_index, inp.margin, inp.comparison_weight, inp.contrast_weights, *inp.options())
+    def _backward(hidden, weight, saved, grad_loss, needs):
+        positions, dldr = saved
+        return torch.ops.fastrm.fused_reward_head_backward(
+            hidden, weight, positions, dldr, grad_loss.detach(), needs[0])

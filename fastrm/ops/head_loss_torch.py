@@ -1,16 +1,16 @@
 """Plain-torch backend of the fused reward head + loss (any device, no compiled code).
 
-Same contract as the Triton and native backends (see :mod:`fastrm.ops._common`): the forward
-gathers only the ``N`` scored rows of ``hidden`` (never the ``[T, 1]`` head output over all
-tokens), computes the loss and ``dL/dr`` in closed form in fp32, and the backward only scales
-by ``grad_output`` and scatters into the gathered rows.
+Same contract as the Triton and native backends (see :mod:`fastrm.ops.head_loss_contract`): the
+forward gathers only the ``N`` scored rows of ``hidden`` (never the ``[T, 1]`` head output over
+all tokens), computes the loss and ``dL/dr`` in closed form in fp32, and the backward only
+scales by ``grad_output`` and scatters into the gathered rows.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastrm.ops._common import HeadLossInputs, loss_and_reward_grad
+from fastrm.ops.head_loss_contract import HeadLossFunction, HeadLossInputs, loss_and_reward_grad
 
 
 def unique_position_coefficients(
@@ -27,49 +27,34 @@ def unique_position_coefficients(
     return upos, coef
 
 
-class TorchFusedRewardHeadLossFunction(torch.autograd.Function):
-    """``(loss, rewards) = f(hidden [T, D], weight [D], bias [] | None, ...)`` in plain torch."""
+class TorchHeadLossFunction(HeadLossFunction):
+    """``(loss, rewards) = f(hidden [T, D], weight [D], bias [] | None)`` in plain torch."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, positions, chosen, rejected, margin, cweight,
-                contrast_w, objective, label_smoothing, hinge_margin, centering):
-        inp = HeadLossInputs(hidden, weight, bias, positions, chosen, rejected, margin, cweight,
-                             contrast_w, objective, label_smoothing, hinge_margin, centering)
+    def _forward(inp: HeadLossInputs):
+        hidden, weight, bias = inp.hidden, inp.weight, inp.bias
         # autocast off: the reward dot products must accumulate in fp32 even under bf16 autocast
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-            rows = hidden.index_select(0, positions).float()  # [N, D]: only the scored rows
+            rows = hidden.index_select(0, inp.reward_positions).float()  # [N, D]: only the scored rows
             rewards = rows @ weight.float()
             if bias is not None:
                 rewards = rewards + bias.float()
             loss, dldr = loss_and_reward_grad(rewards, inp)
-        ctx.save_for_backward(hidden, weight, positions, dldr)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.mark_non_differentiable(rewards)
-        return loss, rewards
+        return loss, rewards, (inp.reward_positions, dldr)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_rewards):
-        hidden, weight, positions, dldr = ctx.saved_tensors
-        g = grad_loss.float()
+    def _backward(hidden, weight, saved, grad_loss, needs):
+        positions, dldr = saved
         upos, coef = unique_position_coefficients(positions, dldr)
-        coef = coef * g
+        coef = coef * grad_loss.float()
         grad_hidden = grad_weight = grad_bias = None
         with torch.autocast(hidden.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
+            if needs[0]:
                 # zeros, not empty: every row outside reward_positions must be exactly 0
                 grad_hidden = torch.zeros_like(hidden)
                 grad_hidden[upos] = (coef[:, None] * weight.float()[None, :]).to(hidden.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_weight = (coef @ hidden.index_select(0, upos).float()).to(weight.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = coef.sum().to(ctx.bias_dtype)
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 10
-
-
-def torch_head_loss(inp: HeadLossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs :class:`TorchFusedRewardHeadLossFunction` on checked inputs."""
-    return TorchFusedRewardHeadLossFunction.apply(
-        inp.hidden, inp.weight, inp.bias, inp.reward_positions, inp.chosen_index,
-        inp.rejected_index, inp.margin, inp.comparison_weight, inp.contrast_weights, *inp.options())
+            if needs[1]:
+                grad_weight = coef @ hidden.index_select(0, upos).float()
+            if needs[2]:
+                grad_bias = coef.sum()
+        return grad_hidden, grad_weight, grad_bias

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fastrm import _native
-from fastrm.ops import fused_reward_head_loss, resolve_backend
-from fastrm.ops import dispatch
-from fastrm.ops import fused_reward_head as tri
+from fastrm import functional as RF
+from fastrm.ops import BACKENDS, available_backends, fused_reward_head_loss, resolve_backend
+from fastrm.ops import head_loss
+from fastrm.ops import head_loss_triton as tri
 from fastrm.ops import head_loss_native
 
 T, D, N, P = 12, 10, 6, 3
@@ -93,24 +94,32 @@ def test_bad_input_raises_value_error_naming_the_field(changes, match):
 
 
 def test_index_dtypes_int32_are_accepted():
-    a, _ = call()
-    b, _ = call(reward_positions=torch.tensor([0, 2, 4, 6, 8, 10], dtype=torch.int32),
-                chosen_index=torch.tensor([0, 1, 2], dtype=torch.int32))
-    torch.testing.assert_close(a, b)
+    """int32 indices give the float64 reference's loss (fastrm.functional on int64 indices)."""
+    a = good_args()
+    loss, rewards = call(reward_positions=a["reward_positions"].int(), chosen_index=a["chosen_index"].int(),
+                         rejected_index=a["rejected_index"].int())
+    want_rewards = a["hidden"].double()[a["reward_positions"]] @ a["weight"].double() + a["bias"].double()
+    want = RF.comparison_loss(want_rewards, a["chosen_index"], a["rejected_index"], a["margin"].double(),
+                              a["comparison_weight"].double())
+    torch.testing.assert_close(rewards.double(), want_rewards, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_automatic_backend_choice(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(head_loss.BACKEND_ENV, raising=False)
     want = "native" if head_loss_native.native_available() else "torch"
     assert resolve_backend(None, cpu) == want
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
+    assert available_backends("cpu") == [b for b in BACKENDS if b == "torch"
+                                         or (b == "native" and want == "native")
+                                         or (b == "triton" and tri._interpreted())]
+    monkeypatch.setenv(head_loss.BACKEND_ENV, "torch")
     assert resolve_backend(None, cpu) == "torch"
     assert resolve_backend("native" if want == "native" else "torch", cpu) == want  # argument wins
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "fast")
+    monkeypatch.setenv(head_loss.BACKEND_ENV, "fast")
     with pytest.raises(ValueError, match=r"\$FASTRM_HEAD_BACKEND='fast' is not known"):
         resolve_backend(None, cpu)
-    monkeypatch.delenv(dispatch.BACKEND_ENV)
+    monkeypatch.delenv(head_loss.BACKEND_ENV)
     # without the C++ op the automatic choice falls back to torch
     monkeypatch.setattr(head_loss_native, "native_available", lambda: False)
     monkeypatch.setattr(head_loss_native, "native_unavailable_reason", lambda: "not built (test)")
@@ -127,8 +136,8 @@ def test_native_unavailable_reason_comes_from_the_loader(monkeypatch):
 
 
 def test_native_is_cpu_only_and_triton_needs_cuda_or_interpreter(monkeypatch):
-    assert "CPU-only" in dispatch.backend_unavailable_reason("native", torch.device("cuda"))
-    assert dispatch.backend_unavailable_reason("triton", torch.device("cuda")) in ("", tri._TRITON_IMPORT_ERROR)
+    assert "CPU-only" in head_loss.backend_unavailable_reason("native", torch.device("cuda"))
+    assert head_loss.backend_unavailable_reason("triton", torch.device("cuda")) in ("", tri._TRITON_IMPORT_ERROR)
     monkeypatch.setattr(tri, "_interpreted", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r"backend='triton' is unavailable: .*TRITON_INTERPRET=1"):

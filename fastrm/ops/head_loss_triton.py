@@ -1,4 +1,4 @@
-"""Triton kernels of the fused reward head + pairwise loss, and their ``autograd.Function``.
+"""Triton backend of the fused reward head + loss: the kernels, their launcher, its autograd Function.
 
 Shapes: ``hidden [T, D]``, ``weight [D]``, ``bias []``, ``reward_positions [N]``; ``U`` unique
 positions; pair mode ``chosen_index/rejected_index [P]``; contrast mode ``[Bc]``/``[Br]`` with
@@ -18,6 +18,10 @@ A response used by several comparisons, or a position listed twice in ``reward_p
 gets its gradient from the segmented reduction: entries are sorted (stably) by target position
 and each program sums its own segment in a fixed order, so the result is deterministic (no
 atomics). The loss is a sum of per-block partials, reduced by torch afterwards.
+
+Block sizes: :data:`BLOCKS` holds, per kernel, the ``(floor, cap)`` of each ``BLOCK_*``; the
+launcher picks the next power of two of the size a block tiles, clamped to that range
+(:func:`block_size`). ``tests/ops`` compile every value to PTX and run each in the interpreter.
 
 Backward (one launch, Liger style: the forward already holds ``dL/dr``)::
 
@@ -43,7 +47,7 @@ import types
 
 import torch
 
-from fastrm.ops._common import OBJECTIVE_CODES, HeadLossInputs
+from fastrm.ops.head_loss_contract import OBJECTIVE_CODES, HeadLossFunction, HeadLossInputs
 
 try:  # importable without triton (e.g. macOS); the backend then reports itself unavailable
     import triton
@@ -215,9 +219,13 @@ def _head_backward_kernel(
 
 
 # -------------------------------------------------------------------------------- launchers
+#: True when the kernels above were built by Triton's interpreter (TRITON_INTERPRET=1 before
+#: triton's first import); read once, so wrapping a kernel (tests spy on launches) changes nothing
+_INTERPRETED = triton is not None and type(_gather_dot_kernel).__name__ == "InterpretedFunction"
+
+
 def _interpreted() -> bool:
-    """True when the kernels above were built by Triton's interpreter (TRITON_INTERPRET=1)."""
-    return triton is not None and type(_gather_dot_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 def triton_unavailable_reason(device: torch.device) -> str:
@@ -233,8 +241,21 @@ def triton_unavailable_reason(device: torch.device) -> str:
             f"TRITON_INTERPRET=1 before triton is first imported, or use backend='native'/'torch'")
 
 
-def _pow2(n: int, cap: int, floor: int = 1) -> int:
-    return max(floor, min(cap, triton.next_power_of_2(max(int(n), 1))))
+#: kernel -> BLOCK_* constexpr -> (floor, cap): each block size is the next power of two of the
+#: size it tiles (rows, D, comparisons, chosen / rejected responses), clamped to that range
+BLOCKS = {
+    "_gather_dot_kernel": {"BLOCK_U": (1, 16), "BLOCK_D": (16, 512)},
+    "_pair_loss_kernel": {"BLOCK_P": (16, 1024)},
+    "_contrast_loss_kernel": {"BLOCK_I": (1, 32), "BLOCK_J": (16, 64)},
+    "_segment_sum_kernel": {"BLOCK": (16, 16)},  # segments are short: a response's comparisons
+    "_head_backward_kernel": {"BLOCK_U": (1, 16), "BLOCK_D": (16, 256)},
+}
+
+
+def block_size(kernel: str, name: str, size: int) -> int:
+    """The ``name`` block of ``kernel`` for ``size`` elements along the dimension it tiles."""
+    floor, cap = BLOCKS[kernel][name]
+    return max(floor, min(cap, triton.next_power_of_2(max(int(size), 1))))
 
 
 def _segment_sum(values: torch.Tensor, targets: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -244,11 +265,12 @@ def _segment_sum(values: torch.Tensor, targets: torch.Tensor, num_segments: int)
     offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=values.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     out = torch.empty(num_segments, dtype=torch.float32, device=values.device)
-    _segment_sum_kernel[(num_segments,)](values, order, offsets, out, BLOCK=16)
+    block = block_size("_segment_sum_kernel", "BLOCK", values.shape[0])  # one size (floor = cap)
+    _segment_sum_kernel[(num_segments,)](values, order, offsets, out, BLOCK=block)
     return out
 
 
-def _forward(inp: HeadLossInputs):
+def _launch_forward(inp: HeadLossInputs):
     """Returns ``(loss [], rewards [N], upos [U], coef [U])`` with ``coef = dL/dr`` summed per
     unique position."""
     hidden, weight, bias = inp.hidden, inp.weight, inp.bias
@@ -257,20 +279,23 @@ def _forward(inp: HeadLossInputs):
     upos, inverse = torch.unique(inp.reward_positions, return_inverse=True)
     u = upos.shape[0]
     r_u = torch.empty(u, dtype=torch.float32, device=dev)
-    block_u, block_d = _pow2(u, 16), _pow2(d, 512, 16)
+    block_u = block_size("_gather_dot_kernel", "BLOCK_U", u)
+    block_d = block_size("_gather_dot_kernel", "BLOCK_D", d)
     _gather_dot_kernel[(triton.cdiv(u, block_u),)](
         hidden, hidden.stride(0), upos, weight, bias if bias is not None else r_u, r_u, u, d,
         HAS_BIAS=bias is not None, BLOCK_U=block_u, BLOCK_D=block_d)
     rewards = r_u[inverse]  # [N]: duplicated positions share one dot product
 
-    obj, eps, hm, cc = inp.options()
-    code = OBJECTIVE_CODES[obj]
+    o = inp.options
+    code, eps, hm, cc = (OBJECTIVE_CODES[o.objective], o.label_smoothing, o.hinge_margin,
+                         o.centering_coefficient)
     m = inp.margin
     targets = torch.cat([inverse[inp.chosen_index], inverse[inp.rejected_index]])
     if inp.contrast:
         bc, br = inp.chosen_index.shape[0], inp.rejected_index.shape[0]
         w = inp.contrast_weights
-        block_i, block_j = _pow2(bc, 32), _pow2(br, 64, 16)
+        block_i = block_size("_contrast_loss_kernel", "BLOCK_I", bc)
+        block_j = block_size("_contrast_loss_kernel", "BLOCK_J", br)
         nblk = triton.cdiv(bc, block_i)
         loss_part = torch.empty(nblk, dtype=torch.float32, device=dev)
         col_part = torch.empty(nblk, br, dtype=torch.float32, device=dev)
@@ -284,7 +309,7 @@ def _forward(inp: HeadLossInputs):
         p = inp.chosen_index.shape[0]
         cw = inp.comparison_weight
         inv_norm = (1.0 / cw.sum()) if cw is not None else torch.full((), 1.0 / p, device=dev)
-        block_p = _pow2(p, 1024, 16)
+        block_p = block_size("_pair_loss_kernel", "BLOCK_P", p)
         nblk = triton.cdiv(p, block_p)
         loss_part = torch.empty(nblk, dtype=torch.float32, device=dev)
         contrib = torch.empty(2 * p, dtype=torch.float32, device=dev)
@@ -297,10 +322,13 @@ def _forward(inp: HeadLossInputs):
     return loss_part.sum(), rewards, upos, coef
 
 
-def _backward(hidden, weight, upos, coef, grad_loss, need_hidden: bool):
+def _launch_backward(hidden, weight, upos, coef, grad_loss, need_hidden: bool):
+    """``(grad_hidden | None, grad_weight [D] fp32, grad_bias [] fp32)``; ``grad_output`` is read
+    on the device."""
     t, d = hidden.shape
     u = upos.shape[0]
-    block_u, block_d = _pow2(u, 16), _pow2(d, 256, 16)
+    block_u = block_size("_head_backward_kernel", "BLOCK_U", u)
+    block_d = block_size("_head_backward_kernel", "BLOCK_D", d)
     grid = (triton.cdiv(u, block_u), triton.cdiv(d, block_d))
     # zeros: rows outside reward_positions get exactly 0; the kernel writes the U others.
     grad_hidden = torch.zeros_like(hidden) if need_hidden else hidden
@@ -312,41 +340,27 @@ def _backward(hidden, weight, upos, coef, grad_loss, need_hidden: bool):
     return (grad_hidden if need_hidden else None), gw_part.sum(0), g * coef.sum()
 
 
-class TritonFusedRewardHeadLossFunction(torch.autograd.Function):
-    """``(loss, rewards) = f(hidden [T, D], weight [D], bias [] | None, ...)`` with Triton kernels.
+def _on_device(t: torch.Tensor):
+    """Launches go to ``t``'s GPU (not the current one); nothing to do on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class TritonHeadLossFunction(HeadLossFunction):
+    """``(loss, rewards) = f(hidden [T, D], weight [D], bias [] | None)`` with the Triton kernels.
 
     The forward computes rewards, loss and ``dL/dr`` (summed per unique position) and saves
-    only ``hidden`` (a reference), ``weight``, the ``U`` unique positions and ``U`` coefficients.
+    only ``hidden`` (a reference), ``weight``, the ``U`` unique positions and ``U`` coefficients;
+    the backward reads ``grad_output`` on the device (no host sync).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, positions, chosen, rejected, margin, cweight,
-                contrast_w, objective, label_smoothing, hinge_margin, centering):
-        inp = HeadLossInputs(hidden, weight, bias, positions, chosen, rejected, margin, cweight,
-                             contrast_w, objective, label_smoothing, hinge_margin, centering)
-        with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
-            loss, rewards, upos, coef = _forward(inp)
-        ctx.save_for_backward(hidden, weight, upos, coef)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.mark_non_differentiable(rewards)
-        return loss, rewards
+    def _forward(inp: HeadLossInputs):
+        with _on_device(inp.hidden):
+            loss, rewards, upos, coef = _launch_forward(inp)
+        return loss, rewards, (upos, coef)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_rewards):
-        hidden, weight, upos, coef = ctx.saved_tensors
-        with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
-            gh, gw, gb = _backward(hidden, weight, upos, coef, grad_loss, ctx.needs_input_grad[0])
-        return (
-            gh,
-            gw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-            gb.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None,
-        ) + (None,) * 10
-
-
-def triton_head_loss(inp: HeadLossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs :class:`TritonFusedRewardHeadLossFunction` on checked inputs."""
-    return TritonFusedRewardHeadLossFunction.apply(
-        inp.hidden, inp.weight, inp.bias, inp.reward_positions, inp.chosen_index,
-        inp.rejected_index, inp.margin, inp.comparison_weight, inp.contrast_weights, *inp.options())
+    def _backward(hidden, weight, saved, grad_loss, needs):
+        upos, coef = saved
+        with _on_device(hidden):
+            return _launch_backward(hidden, weight, upos, coef, grad_loss, needs[0])

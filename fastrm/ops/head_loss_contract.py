@@ -1,11 +1,12 @@
-"""Input checking and the closed-form loss + ``dL/dr`` shared by every fused-head backend.
+"""The contract of the fused reward head + loss: its inputs, what a backend computes, the closed form.
 
-Every backend (Triton, native C++, torch) receives the same normalized arguments
-(:class:`HeadLossInputs`) and must return the same two things from its forward:
+Every backend (``head_loss_triton``, ``head_loss_native``, ``head_loss_torch``) receives the same
+checked arguments (:class:`HeadLossInputs`, options in :class:`LossOptions`), subclasses
+:class:`HeadLossFunction` (one autograd signature for all of them) and computes in its forward:
 
 * ``rewards [N]`` fp32: ``r_n = hidden[reward_positions[n]] . weight + bias``;
-* the loss and ``dL/dr [N]`` computed together in closed form, so the backward is only a
-  scale by ``grad_output`` and a scatter into the gathered rows of ``hidden``
+* the loss and ``dL/dr [N]`` together in closed form, so the backward is only a scale by
+  ``grad_output`` and a scatter into the gathered rows of ``hidden``
   (``grad_hidden[pos_n] += g * dL/dr_n * weight``, ``grad_weight = g * sum_n dL/dr_n *
   hidden[pos_n]``, ``grad_bias = g * sum_n dL/dr_n``).
 
@@ -24,7 +25,8 @@ Contrast (cross-prompt RPO) mode (``W [Bc, Br]``, ``m_ij = margin_i`` on the dia
     dL/dr[j_j] += (1 / Bc) sum_i W_ij (-l'(delta_ij) + 2 cc (r[c_i] + r[j_j]))
 
 ``l`` and ``l'`` are :func:`fastrm.functional.pairwise_objective` and
-:func:`fastrm.functional.pairwise_objective_grad`, written here in overflow-free form.
+:func:`fastrm.functional.pairwise_objective_grad`, written here in overflow-free form
+(:func:`loss_and_reward_grad`, the torch backend's forward).
 """
 
 from __future__ import annotations
@@ -35,18 +37,47 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from fastrm.functional import OBJECTIVES
+from fastrm.functional import OBJECTIVES, check_objective
 
-BACKENDS = ("triton", "native", "torch")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: integer codes of the objectives, shared with the Triton kernels and the C++ op
 OBJECTIVE_CODES = {name: i for i, name in enumerate(OBJECTIVES)}
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """The non-tensor loss options, checked on construction (``ValueError`` naming the option).
+
+    A new loss option is a field here (plus its use in each backend's loss computation); the
+    autograd signature of the backends does not change.
+    """
+
+    objective: str = "bradley_terry"
+    label_smoothing: float = 0.0
+    hinge_margin: float = 1.0
+    centering_coefficient: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_objective(self.objective)
+        for name in ("label_smoothing", "hinge_margin", "centering_coefficient"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if not 0.0 <= self.label_smoothing < 0.5:  # eps >= 0.5 would invert the preference labels
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.objective != "bradley_terry":
+            raise ValueError(f"label_smoothing only applies to objective='bradley_terry', "
+                             f"got objective={self.objective!r}; set label_smoothing=0")
+        if self.centering_coefficient < 0:
+            raise ValueError(f"centering_coefficient must be >= 0, got {self.centering_coefficient}")
+
+
 @dataclass
 class HeadLossInputs:
-    """Normalized arguments of :func:`fastrm.ops.fused_reward_head_loss`.
+    """Checked, normalized arguments of :func:`fastrm.ops.fused_reward_head_loss`.
 
     ``hidden [T, D]`` (last dim contiguous), ``weight [D]`` and ``bias []`` are views of the
     caller's tensors, so autograd routes their gradients back to the original shapes.
@@ -63,18 +94,11 @@ class HeadLossInputs:
     margin: Optional[torch.Tensor]
     comparison_weight: Optional[torch.Tensor]
     contrast_weights: Optional[torch.Tensor]
-    objective: str
-    label_smoothing: float
-    hinge_margin: float
-    centering_coefficient: float
+    options: LossOptions
 
     @property
     def contrast(self) -> bool:
         return self.contrast_weights is not None
-
-    def options(self) -> tuple:
-        """The non-tensor loss options, in the order the autograd Functions take them."""
-        return (self.objective, self.label_smoothing, self.hinge_margin, self.centering_coefficient)
 
 
 def _check_tensor(name: str, value, want_float: bool) -> None:
@@ -124,31 +148,15 @@ def prepare_inputs(
     margin=None,
     comparison_weight=None,
     *,
-    objective: str = "bradley_terry",
-    label_smoothing: float = 0.0,
-    hinge_margin: float = 1.0,
-    centering_coefficient: float = 0.0,
+    options: LossOptions,
     contrast_weights=None,
 ) -> HeadLossInputs:
-    """Checks every argument (``ValueError`` naming the field and the fix) and normalizes them.
+    """Checks every tensor argument (``ValueError`` naming the field and the fix) and normalizes
+    them; ``options`` were checked when the :class:`LossOptions` was built.
 
     Index range checks read the index tensors' min/max, one host sync each on CUDA: cheap
     next to a forward pass and far cheaper than an out-of-bounds gather inside a kernel.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r} is not known; choose one of {', '.join(OBJECTIVES)}")
-    for name, v in (("label_smoothing", label_smoothing), ("hinge_margin", hinge_margin),
-                    ("centering_coefficient", centering_coefficient)):
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if not 0.0 <= label_smoothing < 0.5:  # eps >= 0.5 would invert the preference labels
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and objective != "bradley_terry":
-        raise ValueError(f"label_smoothing only applies to objective='bradley_terry', "
-                         f"got objective={objective!r}; set label_smoothing=0")
-    if centering_coefficient < 0:
-        raise ValueError(f"centering_coefficient must be >= 0, got {centering_coefficient}")
-
     _check_tensor("hidden", hidden, want_float=True)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [T, D] (flatten [1, T, D] with hidden[0]), "
@@ -230,8 +238,7 @@ def prepare_inputs(
     return HeadLossInputs(
         hidden=hidden, weight=weight, bias=bias, reward_positions=positions,
         chosen_index=chosen, rejected_index=rejected, margin=m, comparison_weight=cw,
-        contrast_weights=w_contrast, objective=objective, label_smoothing=float(label_smoothing),
-        hinge_margin=float(hinge_margin), centering_coefficient=float(centering_coefficient),
+        contrast_weights=w_contrast, options=options,
     )
 
 
@@ -256,7 +263,8 @@ def objective_value_and_grad(
 def loss_and_reward_grad(rewards: torch.Tensor, inp: HeadLossInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss (0-d) and ``dL/dr [N]`` for ``rewards [N]`` in their own dtype (the torch backend's
     closed form; see the module docstring for the formulas)."""
-    obj, eps, hm, cc = inp.options()
+    o = inp.options
+    obj, eps, hm, cc = o.objective, o.label_smoothing, o.hinge_margin, o.centering_coefficient
     n = rewards.shape[0]
     dldr = torch.zeros(n, dtype=rewards.dtype, device=rewards.device)
     r_c = rewards[inp.chosen_index]
@@ -297,3 +305,62 @@ def loss_and_reward_grad(rewards: torch.Tensor, inp: HeadLossInputs) -> tuple[to
     dldr.index_add_(0, inp.chosen_index, scale * g_c)
     dldr.index_add_(0, inp.rejected_index, scale * g_r)
     return loss, dldr
+
+
+# ------------------------------------------------------------------- the backends' autograd
+class HeadLossFunction(torch.autograd.Function):
+    """``(loss, rewards) = f(hidden [T, D], weight [D], bias [] | None)``: the autograd shell of
+    every backend.
+
+    Only ``hidden``, ``weight`` and ``bias`` are autograd inputs (positional, so their gradients
+    reach the caller's tensors); the rest of the checked :class:`HeadLossInputs` (indices,
+    margins, weights, :class:`LossOptions`) rides along as one argument that gets no gradient.
+    ``rewards`` is returned detached. A backend subclasses this and implements:
+
+    * ``_forward(inp) -> (loss [] fp32, rewards [N] fp32, saved)``: ``saved`` is a tuple of the
+      tensors its backward needs besides ``hidden`` and ``weight``;
+    * ``_backward(hidden, weight, saved, grad_loss, needs) -> (grad_hidden, grad_weight [D],
+      grad_bias [])``: ``needs`` is ``(hidden, weight, bias)`` need a gradient; a gradient
+      that is not needed may be ``None``; weight and bias gradients are cast here.
+
+    ``forward`` is a classmethod so it reaches the subclass's hooks (autograd calls
+    ``cls.forward(ctx, ...)``); the backward is once-differentiable (a second derivative
+    raises instead of silently returning a wrong one).
+    """
+
+    @classmethod
+    def apply_inputs(cls, inp: HeadLossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the backend on checked inputs: ``(loss, rewards)``."""
+        return cls.apply(inp.hidden, inp.weight, inp.bias, inp)
+
+    @staticmethod
+    def _forward(inp: HeadLossInputs) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _backward(hidden, weight, saved: tuple, grad_loss: torch.Tensor, needs: tuple):
+        raise NotImplementedError
+
+    @classmethod
+    def forward(cls, ctx, hidden, weight, bias, inp: HeadLossInputs):
+        loss, rewards, saved = cls._forward(inp)
+        ctx.save_for_backward(hidden, weight, *saved)
+        ctx.backend_backward = cls._backward
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(rewards)
+        return loss, rewards
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_rewards):
+        hidden, weight, *saved = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and ctx.bias_dtype is not None
+        gh, gw, gb = ctx.backend_backward(hidden, weight, tuple(saved), grad_loss,
+                                          (need_hidden, need_weight, need_bias))
+        return (
+            gh if need_hidden else None,
+            gw.to(weight.dtype) if need_weight else None,
+            gb.to(ctx.bias_dtype) if need_bias else None,
+            None,
+        )
