@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fastrm.recipes.config_check import ConfigError, validate_config
+from fastrm.training.config import ConfigError, validate_config
 from fastrm.recipes.reward_model import RewardModelRecipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,8 +64,8 @@ def test_loss_falls_and_checkpoint_is_complete(tmp_path):
     from safetensors.torch import load_file
 
     head = load_file(str(out / "reward_head.safetensors"))
-    torch.testing.assert_close(head["weight"], recipe.model.head.weight.detach().cpu())
-    assert set(head) == {"weight", "bias"}
+    torch.testing.assert_close(head["head.weight"], recipe.model.head.weight.detach().cpu())
+    assert set(head) == {"head.weight", "head.bias"}
     stats = json.loads((out / "reward_stats.json").read_text())
     assert stats["reward_std"] > 0 and 0 <= stats["val_accuracy"] <= 1
     assert (out / "backbone.pt").exists() and (out / "recipe_state.pt").exists()
@@ -167,15 +167,15 @@ def test_cross_prompt_training_attaches_prompt_embeddings(tmp_path):
     hold similar prompts, and the recipe trains with the contrast loss."""
     from fastrm.data.cross_prompt import HashedNgramEmbedder
     from fastrm.data.tokenizer import ByteChatTokenizer
-    from fastrm.recipes.runtime import build_step_data
+    from fastrm.training.step_data import build_step_data
 
     cfg = tiny_cfg(tmp_path, max_steps_per_epoch=3, **{"loss.cross_prompt": True,
                                                         "loss.use_margin": True,
                                                         "loss.temperature": 0.5})
-    data = build_step_data(cfg, cfg.dataset, ByteChatTokenizer(), 1, 0, seed=0, train=True)
+    data = build_step_data(cfg, "dataset", ByteChatTokenizer(), 1, 0, seed=0, train=True)
     data.packed.set_epoch(0)
-    batch = data.step(1)
-    emb = batch.extras["prompt_embeddings"]
+    batch = data.packed[1]
+    emb = batch.prompt_embeddings
     assert emb.shape[0] == batch.reward_positions.shape[0]
     groups = data.packed.step_groups(1)
     want = HashedNgramEmbedder()(groups)
@@ -244,8 +244,9 @@ def test_evaluate_on_grouped_data_matches_direct_computation(tmp_path):
     from fastrm.data.tokenizer import ByteChatTokenizer
     from fastrm.datasets import synthetic_preference_dataset
     from fastrm.models import tiny_llama3_reward_model
-    from fastrm.recipes.reward_model import RewardModelStep
-    from fastrm.recipes.runtime import StepData, evaluate
+    from fastrm.training.evaluation import evaluate
+    from fastrm.training.model_setup import RewardModelStep
+    from fastrm.training.step_data import StepData
 
     torch.manual_seed(0)
     groups = synthetic_preference_dataset(ByteChatTokenizer(), split="validation", num_prompts=120,
