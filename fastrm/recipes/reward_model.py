@@ -97,11 +97,8 @@ class RewardModelRecipe:
         # model is loaded.
         self.train_data = build_step_data(cfg, "dataset", self.tokenizer, self.world_size,
                                           self.rank, seed=self.seed, train=True)
-        self.val_data, self.test_data = (
-            None if cfg.get(section) is None else
-            build_step_data(cfg, section, self.tokenizer, self.world_size, self.rank,
-                            seed=self.seed, train=False)
-            for section in ("validation_dataset", "test_dataset"))
+        self.val_data = self._eval_split(cfg, "validation_dataset")
+        self.test_data = self._eval_split(cfg, "test_dataset")
         self.loss_fn = config.instantiate(cfg.loss)
         if not isinstance(self.loss_fn, RewardLoss):
             raise ValueError(f"loss._component_ must be fastrm.RewardLoss (or a subclass), got "
@@ -144,6 +141,13 @@ class RewardModelRecipe:
         utils.log_rank_zero(log, f"trainable parameters: {n_train:,} of {n_all:,}; "
                                  f"{self.train_data.describe()}; dtype={self.dtype}; "
                                  f"world_size={self.world_size}")
+
+    def _eval_split(self, cfg: DictConfig, section: str) -> Optional[StepData]:
+        """An optional evaluation split (``None`` when the section is absent or null)."""
+        if cfg.get(section) is None:
+            return None
+        return build_step_data(cfg, section, self.tokenizer, self.world_size, self.rank,
+                               seed=self.seed, train=False)
 
     # ------------------------------------------------------------------ train
     def _forward_backward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, float]:
