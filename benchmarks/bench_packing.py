@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fastrm import _native
-from fastrm.data.packing import plan_rows_arrays
+from fastrm.data.planner import plan_rows_arrays
 
 
 def pair_lengths(n: int, seq_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

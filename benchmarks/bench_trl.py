@@ -602,7 +602,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"(pip install 'fastrm[bench]'): {e}")
         return 0
     from fastrm.models.smollm2 import prepare_smollm2
-    from fastrm.recipes.runtime import resolve_dtype
+    from fastrm.training.dtype import resolve_dtype
     checkpoint_dir = str(prepare_smollm2(progress=False))
     mode = MODES[args.mode]
     dtype = args.dtype

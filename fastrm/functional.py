@@ -239,24 +239,3 @@ def listwise_loss(
     if centering_coefficient:
         loss = loss + centering_coefficient * ((rewards[chosen_index] + rewards[rejected_index]) ** 2).mean()
     return loss
-
-
-def reward_metrics(
-    rewards: torch.Tensor,
-    chosen_index: torch.Tensor,
-    rejected_index: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Metrics a recipe logs, per comparison: accuracy (``r_c > r_r``), mean margin
-    ``r_c - r_r``, mean chosen/rejected reward, mean and std of all rewards. Detached scalars."""
-    with torch.no_grad():
-        r = rewards.detach().float()
-        r_c, r_r = r[chosen_index], r[rejected_index]
-        diff = r_c - r_r
-        return {
-            "accuracy": (diff > 0).float().mean(),
-            "margin": diff.mean(),
-            "chosen_reward": r_c.mean(),
-            "rejected_reward": r_r.mean(),
-            "reward_mean": r.mean(),
-            "reward_std": r.std(unbiased=False),
-        }

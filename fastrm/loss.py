@@ -111,6 +111,7 @@ class RewardLoss(nn.Module):
         self.weighting = weighting
         self.backend = backend
         self._warned_unused_margin = False
+        self._head: Optional[nn.Module] = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -249,6 +250,26 @@ class RewardLoss(nn.Module):
         return RF.comparison_loss(rewards, chosen_index, rejected_index, m,
                                   self._comparison_weight(group_index), **self._objective_kwargs())
 
+    def set_head(self, head: nn.Module) -> None:
+        """Binds the reward head (an ``nn.Linear(D, 1)``, e.g. ``RewardModel.head``) once, as
+        torchtune's chunked losses take the output projection (``set_model_output``); then
+        :meth:`head_loss` needs only the hidden states and the batch.
+
+        The module is kept, not its tensors: FSDP2 swaps a module's parameters for their
+        gathered versions in the forward of the unit that owns them, and :meth:`head_loss`
+        reads them at call time (call it inside that forward, as
+        :class:`fastrm.training.RewardModelStep` does). The head is not registered as a child
+        of the loss: it belongs to the model (its state-dict keys, its FSDP unit)."""
+        self.__dict__["_head"] = head  # bypasses nn.Module.__setattr__ (no submodule)
+
+    def head_loss(self, hidden: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`from_hidden` with the head bound by :meth:`set_head` and the batch's own
+        ``prompt_embeddings`` (cross_prompt)."""
+        if self._head is None:
+            raise ValueError("RewardLoss.head_loss needs a head: call set_head(model.head) once, "
+                             "or use from_hidden(hidden, weight, bias, batch)")
+        return self.from_hidden(hidden, self._head.weight, self._head.bias, batch)
+
     def from_hidden(
         self,
         hidden: torch.Tensor,
@@ -268,12 +289,14 @@ class RewardLoss(nn.Module):
             weight: ``[D]`` or ``[1, D]`` reward-head weight; ``bias``: ``[1]`` or ``None``.
             batch: the :class:`~fastrm.data.batch.PackedBatch` the hidden states come from.
             prompt_embeddings: ``[N, E]`` prompt embedding of each scored response
-                (cross_prompt only).
+                (cross_prompt only; default ``batch.prompt_embeddings``).
         Returns:
             ``(loss, rewards)``: scalar loss and ``[N]`` detached fp32 rewards.
         """
         from fastrm.ops import fused_reward_head_loss
 
+        if prompt_embeddings is None:
+            prompt_embeddings = batch.prompt_embeddings
         if hidden.dim() == 3:
             if hidden.shape[0] != 1:
                 raise ValueError(f"hidden must be [T, D] or [1, T, D], got {tuple(hidden.shape)}")
@@ -292,7 +315,8 @@ class RewardLoss(nn.Module):
         if self.cross_prompt:
             if prompt_embeddings is None:
                 raise ValueError("RewardLoss(cross_prompt=True).from_hidden needs prompt_embeddings "
-                                 "[N, E] (one per scored response)")
+                                 "[N, E] (one per scored response; collate with prompt_embeddings)")
+            prompt_embeddings = prompt_embeddings.to(hidden.device)
             w = self.contrast_weights(prompt_embeddings[batch.chosen_index],
                                       prompt_embeddings[batch.rejected_index])
             return fused_reward_head_loss(
@@ -312,21 +336,24 @@ class RewardLoss(nn.Module):
 
     # ------------------------------------------------------------------ metrics
     @staticmethod
-    def metrics(
-        chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
         """Per-pair metrics: ``accuracy`` (``r_c > r_r``), ``margin`` (mean ``r_c - r_r``),
-        ``chosen_reward``, ``rejected_reward``, ``reward_mean``, ``reward_std``."""
+        ``chosen_reward``, ``rejected_reward``, ``reward_mean``, ``reward_std`` and the
+        ``comparisons`` count (:class:`fastrm.training.metrics.ComparisonSums`)."""
+        from fastrm.training.metrics import ComparisonSums
+
         r_c = RewardLoss._flat(chosen_rewards, "chosen_rewards")
         r_r = RewardLoss._flat(rejected_rewards, "rejected_rewards")
         b = r_c.shape[0]
-        idx = torch.arange(b, device=r_c.device)
-        return RF.reward_metrics(torch.cat([r_c, r_r]), idx, idx + b)
+        idx = torch.arange(b)
+        return ComparisonSums.of(torch.cat([r_c, r_r]), idx, idx + b).metrics()
 
     @staticmethod
-    def batch_metrics(rewards: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        """Per-comparison metrics for ``rewards [N]`` of a packed ``batch``."""
-        return RF.reward_metrics(rewards, batch.chosen_index, batch.rejected_index)
+    def batch_metrics(rewards: torch.Tensor, batch: PackedBatch) -> dict[str, float]:
+        """Per-comparison metrics (as :meth:`metrics`) for ``rewards [N]`` of a ``batch``."""
+        from fastrm.training.metrics import ComparisonSums
+
+        return ComparisonSums.of_batch(rewards, batch).metrics()
 
     def extra_repr(self) -> str:
         return (f"objective={self.objective!r}, use_margin={self.use_margin}, "

@@ -124,13 +124,15 @@ def test_metrics_match_hand_values():
     rc = torch.tensor([1.0, 0.5, -1.0, 2.0])
     rr = torch.tensor([0.0, 1.5, -2.0, 2.5])
     mt = RewardLoss.metrics(rc, rr)
-    assert mt["accuracy"].item() == pytest.approx(0.5)
-    assert mt["margin"].item() == pytest.approx((1 - 1 + 1 - 0.5) / 4)
+    assert mt["accuracy"] == pytest.approx(0.5)
+    assert mt["margin"] == pytest.approx((1 - 1 + 1 - 0.5) / 4)
     allr = rc.tolist() + rr.tolist()
     mean = sum(allr) / 8
-    assert mt["reward_mean"].item() == pytest.approx(mean)
-    assert mt["reward_std"].item() == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in allr) / 8))
-    assert mt["chosen_reward"].item() == pytest.approx(2.5 / 4)
+    assert mt["reward_mean"] == pytest.approx(mean)
+    assert mt["reward_std"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in allr) / 8))
+    assert mt["chosen_reward"] == pytest.approx(2.5 / 4)
+    assert mt["rejected_reward"] == pytest.approx(2.0 / 4)
+    assert mt["comparisons"] == 4
 
 
 # ---------------------------------------------------------------- cross-prompt (RPO)

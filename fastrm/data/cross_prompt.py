@@ -19,7 +19,7 @@ holds related prompts. This module provides
   ``batch_sampler`` for ``DataLoader``);
 * unpaired data (pools of desirable and undesirable responses) is loaded by
   :func:`fastrm.data.dataset.unpaired_preference_dataset`; packed batches then carry
-  ``extras["labels"]`` (+1 chosen pool, -1 rejected pool) and ``prompt_ids``.
+  ``labels`` (+1 chosen pool, -1 rejected pool) and ``prompt_ids``.
 """
 
 from __future__ import annotations

@@ -419,7 +419,7 @@ def unpaired_preference_dataset(
     truncation: str = "left_prompt", **kw: Any,
 ) -> PreferenceDataset:
     """TRL unpaired preference data (``prompt``, ``completion``, ``label``): pools of desirable
-    and undesirable responses for cross-prompt (RPO) training; ``extras["labels"]`` in batches."""
+    and undesirable responses for cross-prompt (RPO) training; ``labels`` in batches."""
     from fastrm.data.formats import UnpairedTransform
     return PreferenceDataset(tokenizer, source, transform=UnpairedTransform(kw.pop("column_map", None)),
                              split=split, max_seq_len=max_seq_len, truncation=truncation, **kw)

@@ -3,7 +3,7 @@
 ``e(x, y) = hidden[reward_position]`` of the final-norm hidden states ``[T, D]`` that
 :class:`fastrm.models.RewardModel` returns for a :class:`~fastrm.data.batch.PackedBatch` (the
 state the reward head reads: the response's last token). Pairs are packed exactly as in
-training (:func:`fastrm.data.packing.collate_packed`, with prefix sharing the prompt is
+training (:func:`fastrm.data.batch.collate_packed`, with prefix sharing the prompt is
 computed once for both responses), in the dataset's order, ``max_tokens`` tokens per forward;
 each comparison ``(i, j)`` of a group yields one row ``(e_i, e_j)`` of the
 :class:`~fastrm.decompose.store.EmbeddingStore`.
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fastrm.data.batch import PackedBatch
 from fastrm.data.group import PreferenceGroup
-from fastrm.data.packing import collate_packed, group_tokens
+from fastrm.data.batch import collate_packed, group_tokens
 from fastrm.decompose.store import EmbeddingStore, PairEmbeddings
 
 log = logging.getLogger(__name__)

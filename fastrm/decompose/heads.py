@@ -203,7 +203,7 @@ def head_accuracy(heads: DecomposedHeads | torch.Tensor, source: Source, chunk_s
                   progress: bool = False) -> torch.Tensor:
     """``[k]`` pairwise accuracy of each head (or each row of a ``[k, D]`` tensor) on
     ``source``: the fraction of pairs with ``v_i . (e_chosen - e_rejected) > 0`` (a tie counts
-    as wrong, as in :func:`fastrm.functional.reward_metrics`)."""
+    as wrong, as in :class:`fastrm.training.metrics.ComparisonSums`)."""
     w = heads.weight if isinstance(heads, DecomposedHeads) else heads
     if w.dim() == 1:
         w = w[None]

@@ -19,7 +19,7 @@ Steps (each one function of this package; the config names every setting):
    std over the draws are reported next to head 0 and the best single head (chosen on the
    same shots) on the same rest.
 6. **Save**: ``heads/heads.safetensors`` (``weight [k, D]``: a ``D -> k`` head),
-   ``heads/head_<i>.safetensors`` (``weight [1, D]``, ``bias [1]``: the training recipe's
+   ``heads/head_<i>.safetensors`` (``head.weight [1, D]``, ``head.bias [1]``: the training recipe's
    ``head_checkpoint`` format, to score with head ``i`` through the fused head + loss path),
    ``heads/weights_<method>.json`` (the weights of the first draw) and
    ``heads/head_<method>.safetensors`` (the mixed head ``W^T alpha``).
@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
 from fastrm.decompose.adapt import ADAPT_METHODS, fit_head_weights, few_shot_split
 from fastrm.decompose.heads import DecomposedHeads, orient_components
@@ -52,14 +51,6 @@ def _instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     return config.instantiate(node, *args, **kwargs)
 
 
-def _resolve_dtype(name: str) -> torch.dtype:
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"dtype={name!r} is not known; choose one of {', '.join(table)}")
-    return table[name]
-
-
 def build_splits(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Name -> pair-embedding source (``PairEmbeddings`` or ``EmbeddingStore``) for every split."""
     if cfg.get("embeddings") is not None:
@@ -70,13 +61,14 @@ def build_splits(cfg: DictConfig, output_dir: Path, progress: bool = True) -> di
     if cfg.get("model") is None or cfg.get("splits") is None:
         raise ValueError("the config needs either an `embeddings` section (a source with "
                          "build(output_dir)) or `model`, `tokenizer` and `splits` sections")
+    from fastrm.training.dtype import resolve_dtype
+    from fastrm.training.model_setup import build_model
+
     device = torch.device(cfg.get("device", "cpu"))
-    dtype = _resolve_dtype(str(cfg.get("dtype", "fp32")))
+    dtype = resolve_dtype(str(cfg.get("dtype", "fp32")), device)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    from fastrm.recipes import runtime
-
-    model, _ = runtime.build_model(cfg, device, dtype, True)
+    model, _ = build_model(cfg, device, dtype)
     model.eval()
     tokenizer = _instantiate(cfg.tokenizer)
     emb = cfg.get("embed", {})
@@ -149,13 +141,14 @@ def run_adaptation(heads: DecomposedHeads, pairs: PairEmbeddings, acfg: DictConf
 
 def save_head_files(heads: DecomposedHeads, out: Path, weights: dict) -> None:
     """``head_<i>.safetensors`` and ``head_<method>.safetensors`` in the training recipe's
-    ``head_checkpoint`` format (``weight [1, D]``, ``bias [1]``)."""
+    ``head_checkpoint`` format (:func:`fastrm.models.reward_model.write_head`:
+    ``head.weight [1, D]``, ``head.bias [1]``)."""
+    from fastrm.models.reward_model import write_head
+
     for i in range(heads.num_heads):
-        w, b = heads.combine(head=i)
-        save_file({"weight": w[None].contiguous(), "bias": b}, str(out / f"head_{i}.safetensors"))
+        write_head(out / f"head_{i}.safetensors", *heads.combine(head=i))
     for name, hw in weights.items():
-        w, b = heads.combine(weights=hw.weights, bias=hw.bias)
-        save_file({"weight": w[None].contiguous(), "bias": b}, str(out / f"head_{name}.safetensors"))
+        write_head(out / f"head_{name}.safetensors", *heads.combine(weights=hw.weights, bias=hw.bias))
 
 
 def run(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:

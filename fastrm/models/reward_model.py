@@ -340,25 +340,38 @@ def load_from_checkpointer(
     return report
 
 
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
 def head_state_dict(model: RewardModel) -> dict[str, torch.Tensor]:
     """``{"head.weight": [1, D], "head.bias": [1]}`` (detached, CPU)."""
     return {f"head.{k}": v.detach().cpu() for k, v in model.head.state_dict().items()}
 
 
-def save_head(model: RewardModel, path: str) -> None:
-    """Writes the head as safetensors (``.safetensors``) or a torch file (anything else)."""
-    sd = head_state_dict(model)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
+def write_head(path: str | os.PathLike, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Writes a reward head file: ``head.weight [1, D]`` and ``head.bias [1]`` (the
+    :class:`RewardModel` state-dict keys), as safetensors for a ``.safetensors`` path, a torch
+    file otherwise, atomically. The one writer of head files: the recipe's
+    ``reward_head.safetensors``, :func:`save_head` and the decomposed heads use it."""
+    from fastrm._io import atomic_path
 
-        save_file({k: v.contiguous() for k, v in sd.items()}, path)
-    else:
-        torch.save(sd, path)
+    sd = {"head.weight": weight.detach().reshape(1, -1).cpu().contiguous(),
+          "head.bias": bias.detach().reshape(1).cpu().contiguous()}
+    with atomic_path(path) as tmp:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp))
+        else:
+            torch.save(sd, tmp)
 
 
-def load_head(model: RewardModel, path: str) -> None:
-    """Loads ``head.weight`` / ``head.bias`` (also accepts them without the ``head.`` prefix)."""
+def read_head(path: str | os.PathLike, embed_dim: int) -> dict[str, torch.Tensor]:
+    """Reads a head file written by :func:`write_head` into ``{"weight": [1, D], "bias":
+    [1]}`` (an ``nn.Linear(D, 1)`` state dict), checking its keys and shapes against
+    ``embed_dim``. Files with the keys un-prefixed (``weight`` / ``bias``, written by fastrm
+    before the prefix) load too."""
+    path = str(path)
     if not os.path.exists(path):
         raise ValueError(f"head checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
@@ -372,9 +385,19 @@ def load_head(model: RewardModel, path: str) -> None:
         raise ValueError(
             f"head checkpoint {path!r} must hold exactly head.weight and head.bias, got {sorted(sd)}"
         )
-    if tuple(sd["weight"].shape) != (1, model.embed_dim):
-        raise ValueError(
-            f"head.weight in {path!r} has shape {tuple(sd['weight'].shape)}, expected "
-            f"(1, {model.embed_dim})"
-        )
-    model.head.load_state_dict(sd)
+    for name, shape in (("weight", (1, embed_dim)), ("bias", (1,))):
+        if tuple(sd[name].shape) != shape:
+            raise ValueError(f"head.{name} in {path!r} has shape {tuple(sd[name].shape)}, "
+                             f"expected {shape} (a head for a model with D={embed_dim})")
+    return sd
+
+
+def save_head(model: RewardModel, path: str) -> None:
+    """Writes ``model``'s head with :func:`write_head`."""
+    write_head(path, model.head.weight, model.head.bias)
+
+
+def load_head(model: RewardModel, path: str) -> None:
+    """Loads a head file (:func:`read_head`: keys and shapes checked) into ``model.head``,
+    cast to the head's dtype."""
+    model.head.load_state_dict(read_head(path, model.embed_dim))

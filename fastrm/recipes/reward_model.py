@@ -8,33 +8,33 @@ Run it like any torchtune recipe, on one process or with FSDP2 on several::
 
 What a step does: the packed batch (``fastrm.data``: whole pairs or groups in rows of at most
 ``packing.max_seq_len`` tokens, optional prefix sharing) goes through the decoder with per-segment
-attention (``fastrm.attention``); the fused reward head + loss (``RewardLoss.from_hidden``) reads
-the hidden state only at each response's last token. The loss is a weighted mean over
+attention (``fastrm.attention``); the fused reward head + loss (``RewardLoss.head_loss``, the
+head bound to the loss once) reads the hidden state only at each response's last token. The loss is a weighted mean over
 comparisons; to make several ranks and gradient accumulation compute exactly the global mean,
 each micro-step backpropagates ``loss * n_local`` and the gradients are scaled by
 ``world_size / n_global`` before the optimizer step (as torchtune does with token counts).
 
-Checkpoints (``output_dir/step_N`` or ``epoch_N``): the backbone in the checkpointer's format
-(HF safetensors for ``FullModelHFCheckpointer``), ``reward_head.safetensors`` (``weight [1, D]``,
-``bias [1]``), ``reward_stats.json`` (mean/std of rewards on the validation set, for reward
-normalization), and ``recipe_state.pt`` (full trainable-parameter, optimizer, scheduler, data
-position and RNG state) for exact resume with ``resume_from_checkpoint=True``.
+Checkpoints (``output_dir/step_N`` or ``epoch_N``, see :mod:`fastrm.training.checkpoint`): the
+backbone in the checkpointer's format (HF safetensors for ``FullModelHFCheckpointer``),
+``reward_head.safetensors`` (``head.weight [1, D]``, ``head.bias [1]``), ``reward_stats.json``
+(mean/std of rewards on the validation set, for reward normalization), ``recipe_state.pt``
+(trainable parameters, optimizer, scheduler, data position) and each rank's RNG state, for exact
+resume with ``resume_from_checkpoint=True``.
+
+The pieces (config checks, distributed set-up, model building and sharding, data, metrics,
+evaluation, checkpoint I/O) live in :mod:`fastrm.training`; this file is the loop.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import save_file
-from torch import nn
 from tqdm import tqdm
 
 from torchtune import config, training, utils
@@ -42,27 +42,16 @@ from torchtune.training.lr_schedulers import get_lr
 
 from fastrm.data.batch import PackedBatch
 from fastrm.loss import RewardLoss
-from fastrm.recipes import runtime
-from fastrm.recipes.config_check import validate_config
+from fastrm.training import checkpoint as ckpt_io
+from fastrm.training import distributed as dist_utils
+from fastrm.training.config import parse, validate_config
+from fastrm.training.dtype import resolve_dtype
+from fastrm.training.evaluation import evaluate
+from fastrm.training.metrics import StepAccumulator, loss_normalizer, memory_stats, reset_memory_stats
+from fastrm.training.model_setup import RewardModelStep, build_model, shard
+from fastrm.training.step_data import StepData, build_step_data
 
 log = utils.get_logger("INFO")
-
-
-class RewardModelStep(nn.Module):
-    """Reward model + loss in one module, so FSDP2 gathers the head's parameters for the fused
-    head + loss exactly as it does for every other layer (the head is used inside forward)."""
-
-    def __init__(self, model: nn.Module, loss_fn: RewardLoss) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(batch)
-        head = self.model.head
-        emb = batch.extras.get("prompt_embeddings")
-        return self.loss_fn.from_hidden(hidden, head.weight, head.bias, batch,
-                                        None if emb is None else emb.to(hidden.device))
 
 
 class RewardModelRecipe:
@@ -72,10 +61,10 @@ class RewardModelRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)
         self.cfg = cfg
-        self.world_size, self.rank = runtime.init_distributed(cfg.get("device", "cpu"))
+        self.world_size, self.rank = dist_utils.init_distributed(cfg.get("device", "cpu"))
         self.is_rank_zero = self.rank == 0
         self.device = utils.get_device(cfg.get("device", "cpu"))
-        self.dtype = runtime.resolve_dtype(cfg.get("dtype", "fp32"), self.device)
+        self.dtype = resolve_dtype(cfg.get("dtype", "fp32"), self.device)
         if cfg.get("num_threads"):
             torch.set_num_threads(int(cfg.num_threads))
         self.output_dir = Path(cfg.output_dir)
@@ -101,23 +90,15 @@ class RewardModelRecipe:
             self.metric_logger.log_config(cfg)
         if cfg.get("prepare_checkpoint") is not None and self.is_rank_zero:
             config.instantiate(cfg.prepare_checkpoint)
-        runtime.barrier()
+        dist_utils.barrier()
 
         self.tokenizer = config.instantiate(cfg.tokenizer)
         # Data first: a dataset error (a missing column, a NaN margin) should fail before the
         # model is loaded.
-        self.train_data = runtime.build_step_data(cfg, cfg.dataset, self.tokenizer, self.world_size,
-                                                  self.rank, seed=self.seed, train=True)
-        self.val_data = None
-        if cfg.get("validation_dataset") is not None:
-            self.val_data = runtime.build_step_data(cfg, cfg.validation_dataset, self.tokenizer,
-                                                    self.world_size, self.rank, seed=self.seed,
-                                                    train=False)
-        self.test_data = None
-        if cfg.get("test_dataset") is not None:
-            self.test_data = runtime.build_step_data(cfg, cfg.test_dataset, self.tokenizer,
-                                                     self.world_size, self.rank, seed=self.seed,
-                                                     train=False)
+        self.train_data = build_step_data(cfg, "dataset", self.tokenizer, self.world_size,
+                                          self.rank, seed=self.seed, train=True)
+        self.val_data = self._eval_split(cfg, "validation_dataset")
+        self.test_data = self._eval_split(cfg, "test_dataset")
         self.loss_fn = config.instantiate(cfg.loss)
         if not isinstance(self.loss_fn, RewardLoss):
             raise ValueError(f"loss._component_ must be fastrm.RewardLoss (or a subclass), got "
@@ -129,11 +110,13 @@ class RewardModelRecipe:
         # Every rank builds the same initial weights (the head is freshly initialised): seed
         # with the config seed, not torchtune's per-rank seed, for this part.
         torch.manual_seed(self.seed)
-        self.model, self.checkpointer = runtime.build_model(cfg, self.device, self.dtype,
-                                                            self.is_rank_zero)
+        self.model, self.checkpointer = build_model(cfg, self.device, self.dtype)
         self.step_module = RewardModelStep(self.model, self.loss_fn)
         if self.world_size > 1:
-            runtime.shard(self.step_module, cfg.get("fsdp_reshard_after_forward", True))
+            mesh = shard(self.step_module, self.device, self.world_size,
+                         cfg.get("fsdp_reshard_after_forward", True))
+            utils.log_rank_zero(log, f"FSDP2 over a {mesh.device_type} mesh of "
+                                     f"{self.world_size} ranks")
         training.set_seed(seed=self.seed)
 
         params = [p for p in self.step_module.parameters() if p.requires_grad]
@@ -159,23 +142,30 @@ class RewardModelRecipe:
                                  f"{self.train_data.describe()}; dtype={self.dtype}; "
                                  f"world_size={self.world_size}")
 
+    def _eval_split(self, cfg: DictConfig, section: str) -> Optional[StepData]:
+        """An optional evaluation split (``None`` when the section is absent or null)."""
+        if cfg.get(section) is None:
+            return None
+        return build_step_data(cfg, section, self.tokenizer, self.world_size, self.rank,
+                               seed=self.seed, train=False)
+
     # ------------------------------------------------------------------ train
     def _forward_backward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, float]:
         batch = batch.to(self.device)
         loss, rewards = self.step_module(batch)
-        n = runtime.loss_normalizer(self.loss_fn, batch)
+        n = loss_normalizer(self.loss_fn, batch)
         (loss * n).backward()
         return loss.detach() * n, rewards, n
 
     def train(self) -> None:
-        runtime.cleanup_before_training(self.device)
+        reset_memory_stats(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(self.epochs_run, self.total_epochs):
             steps = self.train_data.epoch_steps(epoch, skip=self.step_in_epoch * self.grad_accum)
             pbar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
                         disable=not self.is_rank_zero, desc=f"epoch {epoch + 1}")
             t0 = time.perf_counter()
-            acc = runtime.StepAccumulator()
+            acc = StepAccumulator()
             for micro, batch in enumerate(steps):
                 if self.step_in_epoch >= self.steps_per_epoch:
                     break
@@ -183,7 +173,7 @@ class RewardModelRecipe:
                 acc.add(loss_sum, rewards, batch, n)
                 if (micro + 1) % self.grad_accum:
                     continue
-                n_global = runtime.all_reduce_sum(acc.normalizer, self.device)
+                n_global = dist_utils.all_reduce_sum(acc.normalizer, self.device)
                 # FSDP2 averages gradients over ranks; undo that and divide by the global count
                 training.scale_grads(self.step_module, torch.tensor(self.world_size / n_global))
                 grad_norm = None
@@ -191,7 +181,7 @@ class RewardModelRecipe:
                     grad_norm = torch.nn.utils.clip_grad_norm_(
                         [p for p in self.step_module.parameters() if p.requires_grad],
                         max_norm=float(self.clip_grad_norm))
-                    grad_norm = runtime.full_tensor(grad_norm)
+                    grad_norm = dist_utils.full_tensor(grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.lr_scheduler is not None:
@@ -199,9 +189,9 @@ class RewardModelRecipe:
                 self.global_step += 1
                 self.step_in_epoch += 1
                 elapsed = time.perf_counter() - t0
-                metrics = acc.metrics(self.device, n_global, elapsed)
+                metrics = acc.metrics(self.device, elapsed)
                 metrics["lr"] = get_lr(self.optimizer)
-                metrics.update(runtime.memory_stats(self.device))
+                metrics.update(memory_stats(self.device))
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
                 self.history.append({"step": self.global_step, **metrics})
@@ -213,7 +203,7 @@ class RewardModelRecipe:
                     self.evaluate()
                 if self.save_every and self.global_step % int(self.save_every) == 0:
                     self.save_checkpoint(f"step_{self.global_step}", epoch_done=False)
-                acc = runtime.StepAccumulator()
+                acc = StepAccumulator()
                 t0 = time.perf_counter()
             pbar.close()
             self.epochs_run = epoch + 1
@@ -230,7 +220,7 @@ class RewardModelRecipe:
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
-    def evaluate(self, data: Optional[runtime.StepData] = None, prefix: str = "val") -> dict[str, float]:
+    def evaluate(self, data: Optional[StepData] = None, prefix: str = "val") -> dict[str, float]:
         """Accuracy, mean margin, loss and reward mean/std over a split (the validation split by
         default; every rank evaluates its share and the sums are reduced over ranks), plus
         per-category accuracy when the data has categories (held-out synthetic categories,
@@ -240,9 +230,9 @@ class RewardModelRecipe:
             return {}
         was_training = self.step_module.training
         self.step_module.eval()
-        result = runtime.evaluate(self.step_module, self.loss_fn, data, self.device,
-                                  max_steps=self.cfg.get("eval_max_steps", None),
-                                  show_progress=self.is_rank_zero)
+        result = evaluate(self.step_module, self.loss_fn, data, self.device,
+                          max_steps=self.cfg.get("eval_max_steps", None),
+                          show_progress=self.is_rank_zero)
         self.step_module.train(was_training)
         if prefix == "val":
             self.last_eval = result
@@ -259,28 +249,23 @@ class RewardModelRecipe:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, tag: str, epoch_done: bool) -> Path:
-        """Writes backbone (checkpointer format), reward head, reward statistics and the recipe
-        state to ``output_dir/tag`` (and ``output_dir/latest`` points at it)."""
+        """Writes backbone (checkpointer format), reward head, reward statistics, the recipe
+        state and every rank's RNG state to ``output_dir/tag``; then ``output_dir/latest``
+        points at it (so ``latest`` is always a complete checkpoint)."""
         out = self.output_dir / tag
-        model_sd = runtime.full_state_dict(self.step_module.model, self.is_rank_zero)
-        opt_sd = runtime.full_optimizer_state_dict(self.step_module, self.optimizer, self.is_rank_zero)
-        stats = getattr(self, "last_eval", {})
+        model_sd = ckpt_io.full_state_dict(self.step_module.model, self.is_rank_zero)
+        opt_sd = ckpt_io.full_optimizer_state_dict(self.step_module, self.optimizer, self.is_rank_zero)
         if self.is_rank_zero:
             out.mkdir(parents=True, exist_ok=True)
-            head_sd = {k[len("head."):]: v.contiguous() for k, v in model_sd.items() if k.startswith("head.")}
-            save_file(head_sd, str(out / "reward_head.safetensors"))
+            ckpt_io.save_head(out, model_sd)
             backbone = {k[len("decoder."):]: v for k, v in model_sd.items() if k.startswith("decoder.")}
-            runtime.save_backbone(self.cfg, self.checkpointer, backbone, out)
-            (out / "reward_stats.json").write_text(json.dumps({
-                "reward_mean": stats.get("reward_mean"), "reward_std": stats.get("reward_std"),
-                "val_accuracy": stats.get("accuracy"), "step": self.global_step,
-                "note": "normalize rewards as (r - reward_mean) / reward_std",
-            }, indent=2))
+            ckpt_io.save_backbone(self.cfg, self.checkpointer, backbone, out)
+            ckpt_io.save_reward_stats(out, getattr(self, "last_eval", {}), self.global_step)
             # parameter names as the state dict spells them (activation checkpointing wraps
             # layers; the wrapper's prefix is not part of state-dict keys)
             trainable = {n.replace("._checkpoint_wrapped_module", "")
                          for n, p in self.step_module.model.named_parameters() if p.requires_grad}
-            state = {
+            ckpt_io.save_recipe_state(out, {
                 "trainable_model": {k: v for k, v in model_sd.items() if k in trainable or k.startswith("head.")},
                 "optimizer": opt_sd,
                 "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
@@ -289,42 +274,32 @@ class RewardModelRecipe:
                 "step_in_epoch": 0 if epoch_done else self.step_in_epoch,
                 "seed": self.seed,
                 "history": self.history,
-            }
-            torch.save(state, out / "recipe_state.pt")
-            (self.output_dir / "latest").unlink(missing_ok=True)
-            (self.output_dir / "latest").symlink_to(tag)
-            log.info(f"saved checkpoint to {out}")
+            })
+        dist_utils.barrier()
         # RNG state is per rank (torchtune seeds rank r with seed + r)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-               "python": random.getstate()}
-        runtime.barrier()
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(rng, out / f"rng_rank{self.rank}.pt")
-        runtime.barrier()
+        ckpt_io.save_rng_state(out, self.rank, self.device)
+        dist_utils.barrier()
+        if self.is_rank_zero:
+            ckpt_io.point_latest(self.output_dir, tag)
+            log.info(f"saved checkpoint to {out}")
         return out
 
     def _load_recipe_state(self) -> None:
         ckpt = self.output_dir / "latest"
-        if not (ckpt / "recipe_state.pt").exists():
-            raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {ckpt}/recipe_state.pt does not exist; run "
-                f"without resuming first, or point output_dir at the run to resume")
-        state = torch.load(ckpt / "recipe_state.pt", map_location="cpu", weights_only=False)
+        state = ckpt_io.load_recipe_state(ckpt)
         if state["seed"] != self.seed:
             raise ValueError(f"seed={self.seed} differs from the checkpoint's seed={state['seed']}; "
                              "resume with the same seed")
-        runtime.load_trainable_state(self.step_module.model, state["trainable_model"], self.device)
-        runtime.load_optimizer_state(self.step_module, self.optimizer, state["optimizer"], self.device)
+        ckpt_io.load_trainable_state(self.step_module.model, state["trainable_model"])
+        ckpt_io.load_optimizer_state(self.step_module, self.optimizer, state["optimizer"], self.device)
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_step = state["global_step"]
         self.epochs_run = state["epochs_run"]
         self.step_in_epoch = state["step_in_epoch"]
         self.history = list(state.get("history", []))
-        rng = torch.load(ckpt / f"rng_rank{self.rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        ckpt_io.load_rng_state(ckpt, self.rank, self.device)
         utils.log_rank_zero(log, f"resumed from {ckpt.resolve()} at step {self.global_step} "
                                  f"(epoch {self.epochs_run}, step {self.step_in_epoch} in epoch)")
 
@@ -332,7 +307,7 @@ class RewardModelRecipe:
         if self.is_rank_zero:
             (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=1))
             self.metric_logger.close()
-        runtime.destroy_distributed()
+        dist_utils.destroy_distributed()
 
 
 def cfg_bool(cfg: DictConfig, key: str, default: bool) -> bool:
@@ -340,7 +315,7 @@ def cfg_bool(cfg: DictConfig, key: str, default: bool) -> bool:
     return default if value is None else bool(value)
 
 
-@config.parse
+@parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run fastrm/recipes/reward_model.py --config <yaml> [overrides]``."""
     config.log_config(recipe_name="RewardModelRecipe", cfg=cfg)

@@ -118,7 +118,7 @@ def test_unpaired_pools(tok, fixtures):
     b = collate_packed(list(ds), prefix_sharing=True)
     b.validate()
     assert b.num_comparisons == 0
-    assert b.extras["labels"].tolist() == [1, -1, 1]
+    assert b.labels.tolist() == [1, -1, 1]
     assert b.prompt_ids.tolist() == [0, 0, 1]
     assert tok.decode(b.tokens[0, :b.reward_positions[0] + 1].tolist()).endswith("9\n")
 

@@ -129,4 +129,4 @@ def test_accuracy_by_category_and_batch_categories(tok, fixtures):
     ds = datasets.rewardbench_dataset(tok, source="json", split="train",
                                       data_files=str(fixtures / "rewardbench.jsonl"), progress=False)
     b = collate_packed(list(ds))
-    assert b.extras["category"] == ["alpacaeval-easy", "refusals-dangerous"]
+    assert b.categories == ["alpacaeval-easy", "refusals-dangerous"]

@@ -197,11 +197,54 @@ def test_prefix_layout_segments_decode_to_prompt_and_responses():
     assert b.tokens[0, b.reward_positions].tolist() == [2, 2]
 
 
-def test_margin_mix_is_an_error():
-    g1 = PreferenceGroup([1], [[2], [3]], [(0, 1, 1.0)])
-    g2 = PreferenceGroup([1], [[2], [3]], [(0, 1, None)])
-    with pytest.raises(ValueError, match="margin is set for some comparisons"):
-        collate_packed([g1, g2])
+@pytest.mark.parametrize("collate", [collate_packed, collate_padded], ids=["packed", "padded"])
+def test_bad_comparisons_are_named_by_both_collators(collate):
+    g1 = PreferenceGroup([1], [[2], [3]], [(0, 1, 1.0)], source_index=7)
+    g2 = PreferenceGroup([1], [[2], [3], [4]], [(0, 1, 0.5), (2, 1, None)], source_index=12)
+    with pytest.raises(ValueError, match=r"margin is set for some comparisons but not others "
+                                         r"\(comparison 2 of group 1, row 12\)"):
+        collate([g1, g2])
+    empty = PreferenceGroup([1], [[2], []], [(0, 1, None)], source_index=3)
+    with pytest.raises(ValueError, match=r"group 1 \(row 3\) has an empty response"):
+        collate([g2, empty])
+
+
+def test_collators_attach_prompt_embeddings_labels_and_categories():
+    rng = random.Random(4)
+    groups = [rand_group(rng, k=rng.choice([2, 3]), pid=i) for i in range(7)]
+    for i, g in enumerate(groups):
+        g.category = "" if i % 3 == 0 else f"c{i % 2}"
+    groups[2].labels = [1] * len(groups[2].responses)
+    emb = torch.randn(len(groups), 5)
+    want_emb = torch.stack([emb[i] for i, g in enumerate(groups) for _ in g.responses])
+    want_labels = [1 if i == 2 else 0 for i, g in enumerate(groups) for _ in g.responses]
+    want_cats = [g.category or None for g in groups for _ in g.comparisons]
+    for b in (collate_packed(groups, prompt_embeddings=emb),
+              collate_padded(groups, prompt_embeddings=emb)):
+        assert torch.equal(b.prompt_embeddings, want_emb)
+        assert b.labels.tolist() == want_labels and b.categories == want_cats
+    plain = collate_packed(groups[3:4])
+    assert plain.prompt_embeddings is None and plain.labels is None
+    with pytest.raises(ValueError, match="one row per group"):
+        collate_packed(groups, prompt_embeddings=emb[:3])
+
+
+def test_packed_dataset_attaches_each_groups_prompt_embedding():
+    """Every scored response of a step carries its source group's embedding, also when an
+    oversize group was split into subgroups."""
+    rng = random.Random(5)
+    big = PreferenceGroup([5] * 8, [[7] * 30 + [2] for _ in range(5)],
+                          [(0, k, None) for k in range(1, 5)], prompt_id=0, source_index=0)
+    groups = [big] + [rand_group(rng, with_margin=False, pid=i) for i in range(1, 30)]
+    emb = torch.randn(len(groups), 6, dtype=torch.float64)
+    ds = PackedPreferenceDataset(groups, 80, rows_per_step=2, prefix_sharing=True,
+                                 prompt_embeddings=emb, seed=1)
+    assert ds.stats.split_groups == 1
+    for i in range(len(ds)):
+        b = ds[i]
+        b.validate()
+        want = [emb[g.prompt_id] for g in ds.step_groups(i) for _ in g.responses]
+        assert torch.equal(b.prompt_embeddings, torch.stack(want))
 
 
 def test_collate_padded_baseline():
@@ -301,7 +344,7 @@ def test_packed_dataset_epoch_covers_every_group_once(prefix_sharing):
     for i in range(len(ds)):
         b = ds[i]
         b.validate()
-        assert b.num_tokens <= 3 * 96 and b.extras["num_rows"] <= 3
+        assert b.num_tokens <= 3 * 96 and len(ds.steps[i]) <= 3
         seen.extend(id(g) for g in ds.step_groups(i))
     assert sorted(seen) == sorted(id(g) for g in groups)
     assert ds.stats.fill_rate > 0.9

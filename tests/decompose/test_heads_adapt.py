@@ -187,7 +187,7 @@ def test_bad_inputs_raise(planted):
 @pytest.mark.parametrize("which", ["head", "mix"])
 def test_head_loss_goes_through_fused_path(planted, which):
     from fastrm.data.group import PreferenceGroup
-    from fastrm.data.packing import collate_packed
+    from fastrm.data.batch import collate_packed
     from fastrm.decompose.heads import head_loss
     from fastrm.functional import comparison_loss
 

@@ -9,8 +9,8 @@ from torchtune import config
 
 from fastrm.cli import list_configs
 from fastrm.data.tokenizer import ByteChatTokenizer
-from fastrm.recipes.config_check import validate_config
-from fastrm.recipes.runtime import StepData
+from fastrm.training.config import validate_config
+from fastrm.training.step_data import StepData
 
 CONFIGS = [c for c in list_configs() if not c.stem.startswith(("generate_", "judge_", "decompose_"))]
 

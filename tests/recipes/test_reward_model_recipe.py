@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fastrm.recipes.config_check import ConfigError, validate_config
+from fastrm.training.config import ConfigError, validate_config
 from fastrm.recipes.reward_model import RewardModelRecipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,8 +64,8 @@ def test_loss_falls_and_checkpoint_is_complete(tmp_path):
     from safetensors.torch import load_file
 
     head = load_file(str(out / "reward_head.safetensors"))
-    torch.testing.assert_close(head["weight"], recipe.model.head.weight.detach().cpu())
-    assert set(head) == {"weight", "bias"}
+    torch.testing.assert_close(head["head.weight"], recipe.model.head.weight.detach().cpu())
+    assert set(head) == {"head.weight", "head.bias"}
     stats = json.loads((out / "reward_stats.json").read_text())
     assert stats["reward_std"] > 0 and 0 <= stats["val_accuracy"] <= 1
     assert (out / "backbone.pt").exists() and (out / "recipe_state.pt").exists()
@@ -117,7 +117,10 @@ def test_two_processes_match_one(tmp_path):
     """FSDP2 on 2 CPU ranks (gloo), 1 row per rank per step, equals 1 rank with 2 rows."""
     one = run_recipe(tiny_cfg(tmp_path / "one", max_steps_per_epoch=4,
                               **{"packing.rows_per_step": 2}))
-    cfg2 = tiny_cfg(tmp_path / "two", max_steps_per_epoch=4, **{"packing.rows_per_step": 1})
+    # parameters gathered in every forward and backward (no resharding in between): the same
+    # step (the default, resharding, runs in tests/recipes/test_fastrm_cli.py)
+    cfg2 = tiny_cfg(tmp_path / "two", max_steps_per_epoch=4, fsdp_reshard_after_forward=False,
+                    **{"packing.rows_per_step": 1})
     path = tmp_path / "two.yaml"
     OmegaConf.save(cfg2, path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -126,6 +129,7 @@ def test_two_processes_match_one(tmp_path):
          "--config", str(path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "FSDP2 over a cpu mesh of 2 ranks" in proc.stdout + proc.stderr
     two = losses(cfg2.output_dir)
     assert len(two) == 4
     torch.testing.assert_close(torch.tensor(two), torch.tensor(losses(one)), rtol=1e-4, atol=1e-5)
@@ -167,15 +171,15 @@ def test_cross_prompt_training_attaches_prompt_embeddings(tmp_path):
     hold similar prompts, and the recipe trains with the contrast loss."""
     from fastrm.data.cross_prompt import HashedNgramEmbedder
     from fastrm.data.tokenizer import ByteChatTokenizer
-    from fastrm.recipes.runtime import build_step_data
+    from fastrm.training.step_data import build_step_data
 
     cfg = tiny_cfg(tmp_path, max_steps_per_epoch=3, **{"loss.cross_prompt": True,
                                                         "loss.use_margin": True,
                                                         "loss.temperature": 0.5})
-    data = build_step_data(cfg, cfg.dataset, ByteChatTokenizer(), 1, 0, seed=0, train=True)
+    data = build_step_data(cfg, "dataset", ByteChatTokenizer(), 1, 0, seed=0, train=True)
     data.packed.set_epoch(0)
-    batch = data.step(1)
-    emb = batch.extras["prompt_embeddings"]
+    batch = data.packed[1]
+    emb = batch.prompt_embeddings
     assert emb.shape[0] == batch.reward_positions.shape[0]
     groups = data.packed.step_groups(1)
     want = HashedNgramEmbedder()(groups)
@@ -244,8 +248,9 @@ def test_evaluate_on_grouped_data_matches_direct_computation(tmp_path):
     from fastrm.data.tokenizer import ByteChatTokenizer
     from fastrm.datasets import synthetic_preference_dataset
     from fastrm.models import tiny_llama3_reward_model
-    from fastrm.recipes.reward_model import RewardModelStep
-    from fastrm.recipes.runtime import StepData, evaluate
+    from fastrm.training.evaluation import evaluate
+    from fastrm.training.model_setup import RewardModelStep
+    from fastrm.training.step_data import StepData
 
     torch.manual_seed(0)
     groups = synthetic_preference_dataset(ByteChatTokenizer(), split="validation", num_prompts=120,
@@ -275,3 +280,114 @@ def test_evaluate_on_grouped_data_matches_direct_computation(tmp_path):
     assert got["accuracy"] == pytest.approx((d > 0).double().mean().item())
     assert got["margin"] == pytest.approx(d.mean().item(), rel=1e-5, abs=1e-7)
     assert got["loss"] == pytest.approx(loss_sum / groups_seen, rel=1e-5)
+
+
+def test_attention_backend_key_sets_the_models_backend(tmp_path):
+    """``attention_backend:`` in the recipe config (README) reaches the model; the dense
+    reference backend trains to the same losses as the automatic choice."""
+    auto = run_recipe(tiny_cfg(tmp_path / "auto", max_steps_per_epoch=3, validation_dataset=None))
+    ref = run_recipe(tiny_cfg(tmp_path / "ref", max_steps_per_epoch=3, validation_dataset=None,
+                              attention_backend="reference"))
+    assert auto.model.attention_backend is None and ref.model.attention_backend == "reference"
+    torch.testing.assert_close(torch.tensor(losses(ref)), torch.tensor(losses(auto)),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="attention backend 'nope' is not known"):
+        run_recipe(tiny_cfg(tmp_path / "bad", max_steps_per_epoch=1, validation_dataset=None,
+                            attention_backend="nope"))
+
+
+def test_gradient_accumulation_equals_one_larger_step(tmp_path):
+    """``gradient_accumulation_steps: 2`` with 1 row per micro-step computes the step of 2
+    rows at once (the loss is normalized by the comparisons of the whole step)."""
+    common = {"max_steps_per_epoch": 3, "validation_dataset": None}
+    big = run_recipe(tiny_cfg(tmp_path / "big", **common, **{"packing.rows_per_step": 2}))
+    accum = run_recipe(tiny_cfg(tmp_path / "accum", gradient_accumulation_steps=2, **common,
+                                **{"packing.rows_per_step": 1}))
+    assert len(losses(accum)) == 3
+    torch.testing.assert_close(torch.tensor(losses(accum)), torch.tensor(losses(big)),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(accum.model.head.weight, big.model.head.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_optional_keys_do_what_the_readme_says(tmp_path):
+    """``trainable``, ``head_checkpoint``, ``test_dataset``, ``eval_every_n_steps``,
+    ``eval_max_steps``, ``save_final_checkpoint`` in one run."""
+    from fastrm.models.reward_model import write_head
+
+    head = tmp_path / "head.safetensors"
+    w, b = torch.randn(1, 64) * 0.1, torch.randn(1)
+    write_head(head, w, b)
+    test_split = {"_component_": "fastrm.datasets.synthetic_preference_dataset", "split": "test",
+                  "num_prompts": 400, "length_scale": 0.15, "max_seq_len": 256, "progress": False}
+    cfg = tiny_cfg(tmp_path, max_steps_per_epoch=4, head_checkpoint=str(head),
+                   trainable={"last_n_layers": 1}, test_dataset=test_split, eval_every_n_steps=2,
+                   eval_max_steps=2, save_final_checkpoint=False)
+    recipe = RewardModelRecipe(cfg)
+    recipe.setup(cfg)
+    model = recipe.model
+    assert torch.equal(model.head.weight.detach(), w) and torch.equal(model.head.bias.detach(), b)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    last = f"decoder.layers.{len(model.decoder.layers) - 1}."
+    assert trains and all(n.startswith((last, "decoder.norm.", "head.")) for n in trains)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    evals = []
+    original = recipe.evaluate
+
+    def evaluate(data=None, prefix="val"):
+        evals.append((recipe.global_step, prefix))
+        return original(data, prefix)
+
+    recipe.evaluate = evaluate
+    recipe.train()
+    recipe.cleanup()
+    assert all(torch.equal(model.get_parameter(n), v) for n, v in frozen.items())
+    assert not torch.equal(model.head.weight.detach(), w)
+    assert evals == [(2, "val"), (4, "val"), (4, "val"), (4, "test")]
+    # eval_max_steps: the comparisons of the first two validation steps only
+    val = recipe.val_data
+    want = sum(val.packed[i].num_comparisons for i in range(2))
+    assert recipe.last_eval["comparisons"] == want < sum(
+        val.packed[i].num_comparisons for i in range(len(val.packed)))
+    test = json.loads((Path(cfg.output_dir) / "test_results.json").read_text())
+    assert set(test) >= {"accuracy", "loss", "reward_mean", "category/refusal"}
+    assert not (Path(cfg.output_dir) / "epoch_0").exists()  # save_final_checkpoint: false
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "auto"])
+def test_dtype_key(tmp_path, dtype):
+    from fastrm.training.dtype import resolve_dtype
+
+    recipe = run_recipe(tiny_cfg(tmp_path, dtype=dtype, max_steps_per_epoch=2,
+                                 validation_dataset=None))
+    want = torch.bfloat16 if dtype == "bf16" else resolve_dtype("auto", "cpu")
+    assert recipe.dtype == want
+    assert {p.dtype for p in recipe.model.parameters()} == {want}
+    assert len(losses(recipe)) == 2 and all(torch.isfinite(torch.tensor(losses(recipe))))
+
+
+@pytest.mark.slow
+def test_compile_key_trains_compiled_layers(tmp_path):
+    plain = run_recipe(tiny_cfg(tmp_path / "plain", max_steps_per_epoch=2, validation_dataset=None))
+    compiled = run_recipe(tiny_cfg(tmp_path / "compiled", max_steps_per_epoch=2,
+                                   validation_dataset=None, compile=True))
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
+               for layer in compiled.model.decoder.layers)
+    torch.testing.assert_close(torch.tensor(losses(compiled)), torch.tensor(losses(plain)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_every_config_key_the_readme_documents_is_used_by_a_test():
+    """The README's recipe section names config keys; each must appear in a recipe test or in
+    the tiny config every recipe test loads."""
+    import re
+
+    from fastrm.training.config import OPTIONAL, REQUIRED
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## The recipe"):readme.index("## Layout")]
+    documented = {k for k in re.findall(r"`([a-z_]+)", section) if k in REQUIRED + OPTIONAL}
+    assert {"attention_backend", "trainable", "test_dataset", "compile"} <= documented
+    used = TINY.read_text() + "".join(p.read_text() for p in
+                                      (REPO / "tests").glob("*/test_*.py"))
+    missing = sorted(k for k in documented if not re.search(rf"\b{k}\b", used))
+    assert not missing, f"documented recipe keys no test uses: {missing}"
