@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fastrm.judge.cli import CONFIG_DIR, main_generate, main_judge
+from fastrm.config import CONFIGS_DIR
+from fastrm.judge.cli import main_generate, main_judge
 from fastrm.judge.store import read_rows
 
 TINY_BACKEND = """
@@ -110,9 +111,9 @@ def _components(node, out):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name.startswith(("generate_", "judge_"))))
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS_DIR.glob("*.yaml") if p.name.startswith(("generate_", "judge_"))))
 def test_shipped_configs_resolve(name):
-    cfg = OmegaConf.load(CONFIG_DIR / name)
+    cfg = OmegaConf.load(CONFIGS_DIR / name)
     comps = _components(cfg, [])
     assert comps
     for c in comps:
