@@ -110,6 +110,4 @@ def write_report(result: dict[str, Any], stem: Path) -> None:
             ax.set_ylabel(label)
             ax.set_title(f"{ds}: {label}")
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, stem.with_suffix(".png"))
