@@ -76,9 +76,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import MODELS, RESULTS, ModelSpec  # noqa: E402
+import common
+from common import MODELS, RESULTS, ModelSpec
 
 LAYOUTS = ("padded", "packed", "packed+prefix", "grouped")
 LR, WEIGHT_DECAY = 1e-5, 0.01

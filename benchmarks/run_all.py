@@ -38,9 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import RESULTS  # noqa: E402
+import common
+from common import RESULTS
 
 HERE = Path(__file__).resolve().parent
 
