@@ -25,8 +25,6 @@ Writes results/cpu_kernels[_quick].json, .md and .png.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -35,9 +33,8 @@ from typing import Any, Callable
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-RESULTS = HERE / "results"
+import common
+from common import RESULTS
 
 H, HK, HD = 9, 3, 64
 
@@ -196,9 +193,8 @@ def _cell(s: dict[str, float]) -> str:
 
 
 def write_report(result: dict[str, Any], stem: Path) -> None:
-    from common import machine_line
-
-    lines = [f"CPU kernels: {machine_line(result['machine'])}; {result['repeats']} interleaved "
+    """``stem.md`` (both tables) and ``stem.png`` (attention time, layer activation memory)."""
+    lines = [f"CPU kernels: {common.machine_line(result['machine'])}; {result['repeats']} interleaved "
              "repeats; cells: median (min-max) ms.", ""]
     att = [r for r in result["attention"] if "skipped" not in r]
     if att:
@@ -224,12 +220,7 @@ def write_report(result: dict[str, Any], stem: Path) -> None:
                      f"{r['speedup']:.2f}x | {kb['torchtune'] / 1024:.1f} -> {kb['fused'] / 1024:.1f} | "
                      f"{r['memory_ratio']:.2f}x | {r['rel_diff_hidden']:.1e} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     if att:
         ax = axes[0]
@@ -256,8 +247,7 @@ def write_report(result: dict[str, Any], stem: Path) -> None:
     ax.set_ylabel("KiB kept for backward / token / layer")
     ax.set_title("decoder layer activations")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    common.save_figure(fig, stem.with_suffix(".png"))
 
 
 def main(argv=None) -> int:
@@ -270,15 +260,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
-    from common import machine_info
-
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "threads": args.threads, "repeats": repeats, "machine": machine_info(args.threads)}
+    result = {"date": common.utc_now(), "threads": args.threads, "repeats": repeats,
+              "machine": common.machine_info(args.threads)}
     result["attention"] = bench_attention(args.quick, repeats)
     result["layers"] = bench_layers(args.quick, repeats, args.layers or (2 if args.quick else 6))
     stem = Path(args.out) if args.out else RESULTS / f"cpu_kernels{'_quick' if args.quick else ''}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    common.write_json(stem.with_suffix(".json"), result)
     write_report(result, stem)
     print(stem.with_suffix(".md").read_text())
     return 0

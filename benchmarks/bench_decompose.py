@@ -21,18 +21,14 @@ Writes ``benchmarks/results/decompose_pca_<device>.json`` (long format), ``.md``
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
+import common
+from common import RESULTS
 from fastrm.decompose.pca import covariance_pca, exact_pca, randomized_pca
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_diffs(n: int, d: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -87,12 +83,11 @@ def main() -> None:
             print(f"N={n:>6} D={d:>5} {name:<10} {t * 1e3:9.1f} ms  mem {mem / 2**20:8.2f} MiB  "
                   f"eig err {float(rel):.2e}  min|cos| {float(cos):.6f}")
     device = "cpu"
-    meta = {"date": datetime.now(timezone.utc).isoformat(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "platform": platform.platform(),
-            "processor": platform.processor(), "chunk_size": args.chunk_size, "n_iter": args.n_iter}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = common.machine_info(torch.get_num_threads(), device)
+    meta = {"date": info["date_utc"], "torch": torch.__version__, "threads": info["torch_threads"],
+            "machine": info, "chunk_size": args.chunk_size, "n_iter": args.n_iter}
     stem = RESULTS / f"decompose_pca_{device}{'_quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    common.write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
     md = ["| N | D | solver | time (ms) | working memory (MiB) | max rel. eigenvalue error | min abs cos |",
           "|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -101,11 +96,7 @@ def main() -> None:
     stem.with_suffix(".md").write_text(
         f"PCA solvers, k={args.k}, torch {torch.__version__}, {meta['threads']} threads, CPU\n\n"
         + "\n".join(md) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     labels = [f"{n}x{d}" for n, d in grid]
     width = 0.27
@@ -119,8 +110,7 @@ def main() -> None:
     ax.set_yscale("log")
     ax.set_title(f"PCA of embedding differences, k={args.k} (CPU, {meta['threads']} threads)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    common.save_figure(fig, stem.with_suffix(".png"), dpi=120)
     print(f"wrote {stem}.json/.md/.png")
 
 

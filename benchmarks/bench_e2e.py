@@ -16,10 +16,10 @@ and the same loss (Bradley-Terry, mean over comparisons):
     hidden state only at each response's last token.
 ``packed+prefix``
     ``packed`` with pair-level prefix sharing: ``[prompt][chosen][rejected]``, the prompt
-    computed once per pair (issue 9).
+    computed once per pair.
 ``grouped``
     responses grouped by prompt: ``[prompt][r_1]..[r_K]``, each prompt and each distinct
-    response computed once, the loss over all comparisons of the group (issue 14). Run where a
+    response computed once, the loss over all comparisons of the group. Run where a
     prompt has more than one comparison (on pair data it is ``packed+prefix``).
 
 Per (data set, model, layout): comparisons/s, real tokens/s (tokens of the pairs as a plain
@@ -46,9 +46,11 @@ CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before the steps,
 Data sets (a "benchmark epoch" is the first ``steps x comparisons-per-step`` comparisons):
 ``longtail`` (the synthetic verifiable set, long-tailed lengths), ``uniform`` (random tokens, every
 sequence the same length: padding's best case), ``long_prompt`` / ``short_prompt`` (random tokens,
-pairs whose prompt is long / short next to the responses: issue 9), ``synthetic_k4`` (the
+pairs whose prompt is long / short next to the responses: what prefix sharing saves),
+``synthetic_k4`` (the
 synthetic set with 4 scored responses per prompt) and ``qa_feedback`` (real human preference
-data, grouped by question, when ``../shared/data`` is present: issue 14), and a length sweep
+data, grouped by question, when ``../shared/data`` is present: what grouped responses save),
+and a length sweep
 ``sweep_L<n>`` (random tokens, median sequence length ``n``) for the throughput / memory vs
 length plot.
 
@@ -74,9 +76,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import MODELS, RESULTS, ModelSpec  # noqa: E402
+import common
+from common import MODELS, RESULTS, ModelSpec
 
 LAYOUTS = ("padded", "packed", "packed+prefix", "grouped")
 LR, WEIGHT_DECAY = 1e-5, 0.01
@@ -98,14 +99,15 @@ class DataSpec:
         build: ``(tokenizer, seed, num_groups) -> list[PreferenceGroup]`` in epoch order.
         layouts: layouts run on it.
         description: one line for the table.
-        issues: issue numbers whose question this data set answers.
+        topic: what the data set measures: ``packing`` (packed vs padded), ``prefix_sharing``
+            or ``grouped_responses``.
     """
 
     name: str
     build: Callable[[Any, int, int], list]
     layouts: tuple[str, ...]
     description: str
-    issues: tuple[int, ...] = (8,)
+    topic: str = "packing"
     meta: dict = field(default_factory=dict)
 
 
@@ -184,24 +186,27 @@ PAIR_LAYOUTS = ("padded", "packed", "packed+prefix")
 def data_specs(sweep: tuple[int, ...]) -> dict[str, DataSpec]:
     specs = [
         DataSpec("longtail", _synthetic(2, 3.0), PAIR_LAYOUTS,
-                 "synthetic verifiable pairs, long-tailed lengths (length_scale 3)", (8,)),
+                 "synthetic verifiable pairs, long-tailed lengths (length_scale 3)", "packing"),
         DataSpec("uniform", _random(2, ("fixed", 32), ("fixed", 160)), PAIR_LAYOUTS,
-                 "random tokens, every sequence 192 tokens (prompt 32 + response 160)", (8,)),
+                 "random tokens, every sequence 192 tokens (prompt 32 + response 160)", "packing"),
         DataSpec("long_prompt", _random(2, ("lognormal", 256, 0.4), ("lognormal", 40, 0.5)),
-                 PAIR_LAYOUTS, "random pairs, prompt median 256, responses median 40", (9,)),
+                 PAIR_LAYOUTS, "random pairs, prompt median 256, responses median 40",
+                 "prefix_sharing"),
         DataSpec("short_prompt", _random(2, ("lognormal", 16, 0.4), ("lognormal", 160, 0.5)),
-                 PAIR_LAYOUTS, "random pairs, prompt median 16, responses median 160", (9,)),
+                 PAIR_LAYOUTS, "random pairs, prompt median 16, responses median 160",
+                 "prefix_sharing"),
         DataSpec("synthetic_k4", _synthetic(4, 2.0), LAYOUTS,
-                 "synthetic set, 4 scored responses per prompt (all scored pairs compared)", (14,)),
+                 "synthetic set, 4 scored responses per prompt (all scored pairs compared)",
+                 "grouped_responses"),
         DataSpec("qa_feedback", _qa_feedback, LAYOUTS,
                  f"qa-feedback human pairs grouped by question (train split, sequences cut to "
-                 f"{QA_MAX_SEQ_LEN} tokens from the prompt's left)", (14,)),
+                 f"{QA_MAX_SEQ_LEN} tokens from the prompt's left)", "grouped_responses"),
     ]
     for L in sweep:
         specs.append(DataSpec(
             f"sweep_L{L}", _random(2, ("lognormal", L // 4, 0.6), ("lognormal", 3 * L // 4, 0.6)),
             ("padded", "packed"), f"random pairs, median sequence {L} (prompt L/4, response 3L/4, "
-            "lognormal sigma 0.6)", (8,), {"median_len": L}))
+            "lognormal sigma 0.6)", "packing", {"median_len": L}))
     return {s.name: s for s in specs}
 
 
@@ -596,7 +601,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         cfg = time_config(specs[d], MODELS[m], tok, args, dtype)
         rows = finish(cfg, MODELS[m], memory.get(f"{d}|{m}", {}), mm)
-        configs.append({"data": d, "model": m, "issues": list(specs[d].issues),
+        configs.append({"data": d, "model": m, "topic": specs[d].topic,
                         "steps": cfg["steps"], "groups": cfg["groups"],
                         "comparisons": cfg["comparisons"], "real_tokens": cfg["real_tokens"],
                         "wall_s": time.perf_counter() - t0, "rows": rows})

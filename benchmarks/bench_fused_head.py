@@ -30,21 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import common
+from common import RESULTS
 from fastrm import functional as RF
 from fastrm.ops import available_backends, fused_reward_head_loss
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -105,14 +104,6 @@ def time_method(method, inputs, warmup: int, repeats: int, device: str) -> dict:
             "time_ms_max": max(times), "repeats": repeats}
 
 
-def _proc_status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def memory_probe(method: str, t: int, d: int, b: int, dtype: str, threads: int) -> dict:
     """Runs in a fresh process: growth of the peak RSS (MiB) over one fwd+bwd step of ``method``.
 
@@ -125,11 +116,11 @@ def memory_probe(method: str, t: int, d: int, b: int, dtype: str, threads: int) 
     step_fn(method, *small)()  # load libraries, thread pools, first-call caches
     inputs = make_inputs(t, d, b, DTYPES[dtype], "cpu")
     del small
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _proc_status_mib("VmRSS")
+    if not common.reset_peak_rss():
+        raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs): Linux >= 4.0 needed")
+    before = common.rss_bytes() / 2**20
     step_fn(method, *inputs)()
-    return {"peak_rss_delta_mib": _proc_status_mib("VmHWM") - before, "rss_before_mib": before}
+    return {"peak_rss_delta_mib": common.peak_rss_bytes() / 2**20 - before, "rss_before_mib": before}
 
 
 def measure_memory(method, t, d, b, dtype, threads) -> dict:
@@ -213,12 +204,13 @@ def main(argv=None) -> None:
             rows.append(row)
         del inputs
 
+    info = common.machine_info(args.threads, args.device)
     meta = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": info,
+        "date": info["date_utc"],
         "torch": torch.__version__,
         "device": args.device,
-        "device_name": (torch.cuda.get_device_name() if args.device == "cuda"
-                        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"),
+        "device_name": info.get("gpu") or f"CPU ({info['cpu']}, {info['logical_cpus']} cores visible)",
         "threads": args.threads,
         "dtypes": args.dtype,
         "warmup": args.warmup,
@@ -231,8 +223,7 @@ def main(argv=None) -> None:
     table = markdown_table(rows, meta)
     print(table)
     out = args.out or RESULTS / f"fused_head_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    common.write_json(out, {"meta": meta, "rows": rows}, indent=2)
     out.with_suffix(".md").write_text(table)
     print(f"wrote {out} and {out.with_suffix('.md')}")
 

@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import common
+from common import RESULTS
+
 MODES = ("packed", "packed_shared", "padded")
 
 MODELS = {
@@ -69,11 +68,6 @@ def sample_pairs(pairs: int, seed: int, prompt_median: int, response_median: int
         p = min(p, max_len - max(c, r))
         out.append((p, c, r))
     return out
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def analytic_flops(cfg: dict, segments: list[tuple[int, int]], head_tokens: int) -> float:
@@ -188,7 +182,7 @@ def worker(args) -> dict:
             loss.backward()
             return loss
 
-    rss0 = _rss_bytes()
+    rss0 = common.rss_bytes()
     times, loss = [], None
     for i in range(args.warmup + args.repeats):
         model.zero_grad(set_to_none=True)
@@ -197,7 +191,7 @@ def worker(args) -> dict:
         dt = time.perf_counter() - t0
         if i >= args.warmup:
             times.append(dt)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = common.peak_rss_bytes()
     flops = analytic_flops(cfg, flop_segments, head_tokens)
     flops_plain = analytic_flops(cfg, [(L, 0) for L in lengths], 2 * b)
     pad = processed - seq_tokens if args.mode == "padded" else 0
@@ -284,11 +278,7 @@ def attention_micro(args) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     """Bar charts: real tokens/s and peak step memory, packed vs padded, per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     models = list(result["model_configs"])
     runs = {(r["model"], r["mode"]): r for r in result["runs"]}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -302,9 +292,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
     axes[0].legend()
     fig.suptitle(f"{result['settings']['pairs']} pairs, long-tailed lengths, CPU fwd+bwd", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -401,17 +389,14 @@ def main() -> None:
                      ("models", "pairs", "repeats", "warmup", "prompt_median", "response_median",
                       "sigma", "max_len", "threads", "seed")},
         "model_configs": {m: MODELS[m] for m in args.models.split(",")},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "cpu": platform.processor() or platform.machine(),
-                        "cpu_count": os.cpu_count(),
-                        "note": "CPU shared with other processes; times are indicative"},
+        "machine": common.machine_info(args.threads),
+        "note": "CPU shared with other processes; times are indicative",
         "runs": runs,
         "summary": summary,
         "attention_micro": attn,
         "table": table,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    common.write_json(Path(args.out), result, indent=2)
     plot(result, Path(args.out).with_suffix(".png"))
     print(f"saved {args.out} and {Path(args.out).with_suffix('.png')}")
 

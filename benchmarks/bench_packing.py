@@ -17,14 +17,14 @@ Writes ``benchmarks/results/packing.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import common
+from common import RESULTS
 from fastrm import _native
 from fastrm.data.planner import plan_rows_arrays
 
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--row-len", type=int, default=4096, help="tokens per packed row")
     ap.add_argument("--batch-pairs", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "packing.json"))
+    ap.add_argument("--out", default=str(RESULTS / "packing.json"))
     args = ap.parse_args()
 
     native = _native.has_op("plan_rows_bfd")
@@ -111,12 +111,11 @@ def main() -> None:
         t = {x["layout"]: x["tokens"] for x in results if x["pairs"] == n and x["backend"] in ("numpy", "-")}
         print(f"{n:,} pairs: prefix sharing saves {1 - t['prefix_shared'] / t['plain']:.1%} of tokens")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"seq_len": args.seq_len, "row_len": args.row_len, "batch_pairs": args.batch_pairs,
-            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "machine": common.machine_info(torch.get_num_threads()), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "note": "padded: fill_rate = real tokens / computed tokens with pad-to-longest batches"}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    common.write_json(out, {"meta": meta, "results": results}, indent=2)
     print(f"wrote {out}")
 
 

@@ -61,18 +61,18 @@ Run (the CPU is shared: take the benchmark lock)::
     flock /tmp/fastrm_bench.lock python benchmarks/bench_trl.py --mode full
 
 Writes ``benchmarks/results/trl_<mode>.json``, ``.md`` and ``.png``.
+
+Files: this script (the fastrm side, the runs' orchestration, the command line),
+``trl_plan.py`` (the pairs, tokens and head values both sides train on), ``trl_peer.py`` (the
+TRL side), ``trl_report.py`` (table and plot), ``common.py`` (machine, memory, AdamW).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pickle
-import platform
-import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -85,9 +85,11 @@ from typing import Any, Optional
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-CONFIGS = ("packed", "prefix", "grouped")
+import common
+from common import RESULTS
+from trl_plan import CONFIGS, make_plan
+from trl_report import write_report
+
 #: default loss-agreement tolerances (first step, later steps) per dtype: fp32 agrees to
 #: rounding; in bf16 both sides round at every op, differently (HF vs torchtune modules)
 TOLERANCES = {"float32": (1e-4, 5e-3), "bfloat16": (3e-2, 8e-2)}
@@ -103,119 +105,6 @@ MODES = {
         "qa_feedback": {"max_length": 1024},
         "synthetic": {"max_length": 1024, "num_prompts": 600, "length_scale": 3.0}}},
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# the plan: pairs, tokens, head values, settings, shared by every run
-# ----------------------------------------------------------------------------------------------
-
-def _conversational(prompt: str, chosen: str, rejected: str) -> dict[str, list[dict[str, str]]]:
-    return {"prompt": [{"role": "user", "content": prompt}],
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}]}
-
-
-def qa_feedback_rows(path: Path, seed: int) -> list[dict[str, Any]]:
-    """qa-feedback train pairs, prompts (questions) shuffled with ``seed``, pairs of a question
-    kept together in file order."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["split"] == "train"]
-    by_q: "OrderedDict[Any, list]" = OrderedDict()
-    for i, r in enumerate(rows):
-        by_q.setdefault(r["question_id"], []).append(
-            {**_conversational(r["prompt"], r["chosen"], r["rejected"]), "prompt_id": r["question_id"],
-             "row": i})
-    order = list(by_q)
-    random.Random(seed).shuffle(order)
-    return [p for q in order for p in by_q[q]]
-
-
-def synthetic_rows(num_prompts: int, length_scale: float, seed: int) -> list[dict[str, Any]]:
-    """fastrm's synthetic long-tailed set, 4 scored responses per prompt expanded to every
-    strictly ordered pair (up to 6 per prompt), prompts shuffled, pairs of a prompt together."""
-    from fastrm.data.synthetic import generate_rows
-    rows = [r for r in generate_rows(num_prompts, seed, responses_per_prompt=4, with_margin=False,
-                                     length_scale=length_scale) if r["split"] == "train"]
-    random.Random(seed).shuffle(rows)
-    out = []
-    for r in rows:
-        resp, sc = r["responses"], r["scores"]
-        for i in range(len(resp)):
-            for j in range(len(resp)):
-                if sc[i] > sc[j] and resp[i] != resp[j]:
-                    out.append({**_conversational(r["prompt"], resp[i], resp[j]),
-                                "prompt_id": r["prompt_id"], "row": len(out)})
-    return out
-
-
-def make_plan(dataset: str, ds_cfg: dict, spec: dict, checkpoint_dir: str) -> dict[str, Any]:
-    """Tokenizes the pairs with fastrm, checks them against ``apply_chat_template`` (TRL's
-    tokenization), applies TRL's length filter and fastrm's length policy, draws the head."""
-    from transformers import AutoTokenizer
-
-    from fastrm.data.dataset import PreferenceDataset
-    from fastrm.data.formats import PairTransform
-    from fastrm.models.tokenizer import smollm2_tokenizer
-    from trl_peer import hf_chat_ids
-
-    if dataset == "qa_feedback":
-        from fastrm.data.dataset import default_shared_data_dir
-        path = default_shared_data_dir() / "qa_feedback" / "pairs.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found")
-        rows = qa_feedback_rows(path, spec["seed"])
-    else:
-        rows = synthetic_rows(ds_cfg["num_prompts"], ds_cfg["length_scale"], spec["seed"])
-
-    tok = smollm2_tokenizer(checkpoint_dir)
-    nl = tok.encode("\n")
-    if len(nl) != 1:
-        raise RuntimeError(f"expected '\\n' to be one token, got {nl}")
-    transform = PairTransform({"prompt_id": "prompt_id"})
-    fr = PreferenceDataset(tok, data=rows, transform=transform, on_identical="error",
-                           progress=False)
-    hf_tok = AutoTokenizer.from_pretrained(checkpoint_dir)
-    max_len = ds_cfg["max_length"]
-    pairs, kept = [], []
-    mismatched = 0
-    for r, g in zip(rows, fr.groups):
-        # TRL's tokens (apply_chat_template) are what both sides score; the prompt part is the
-        # prompt's own template without its final "\n" (fastrm's split: up to the user's
-        # <|im_end|>), the same for every pair of a prompt, so grouping can share it
-        full = {s: hf_chat_ids(hf_tok, r["prompt"] + r[s]) for s in ("chosen", "rejected")}
-        alone = hf_chat_ids(hf_tok, r["prompt"])[:-1]
-        n = len(alone)
-        if any(f[:n] != alone or len(f) <= n for f in full.values()):
-            raise RuntimeError(f"row {r['row']}: the templated prompt is not a prefix of the pair")
-        p = {"row": r["row"], "prompt_id": r["prompt_id"], "prompt": alone,
-             "chosen": full["chosen"][n:], "rejected": full["rejected"][n:]}
-        # fastrm's own tokenization of the same pair (+ the template's final "\n")
-        mismatched += any(list(g.prompt_tokens) + list(g.responses[k]) + nl != full[s]
-                          for k, s in enumerate(("chosen", "rejected")))
-        pairs.append(p)
-        if max(len(p["prompt"]) + len(p[s]) for s in ("chosen", "rejected")) <= max_len:
-            kept.append(p)
-    # fastrm's own length policy on the same pairs (what fastrm would train on, nothing dropped)
-    fr_trunc = PreferenceDataset(tok, data=rows, transform=transform, on_identical="error",
-                                 max_seq_len=max_len - 1, truncation="left_prompt", progress=False)
-    g = torch.Generator().manual_seed(spec["seed"])
-    d = 576
-    head = torch.randn(1, d, generator=g, dtype=torch.float64) / (d + 1) ** 0.5
-    n_needed = (spec["warmup"] + spec["steps"]) * spec["batch_pairs"]
-    if len(kept) < n_needed:
-        raise ValueError(f"{dataset}: {len(kept)} pairs fit max_length={max_len}, the run needs "
-                         f"{n_needed}; generate more or lower --steps")
-    return {
-        "dataset": dataset, "spec": {**spec, "max_length": max_len}, "rows": rows,
-        "kept_pairs": kept, "checkpoint_dir": checkpoint_dir, "head_weight": head.float(),
-        "fastrm_tokenizer_mismatched_pairs": mismatched,
-        "length_policy": {
-            "pairs": len(pairs),
-            "trl_dropped": len(pairs) - len(kept),
-            "fastrm_left_prompt": {"dropped": fr_trunc.stats["comparisons_dropped_too_long"],
-                                   "truncated_prompts": fr_trunc.stats["truncated_prompts"]},
-        },
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,12 +164,12 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
     if checkpointing:
         set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_adamw(params, spec)
+    opt = common.make_adamw(params, spec)
     loss_fn = RewardLoss()
     model.train()
     kept, bsz = plan["kept_pairs"], spec["batch_pairs"]
     load_s = time.perf_counter() - t_load
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = common.peak_rss_bytes()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -312,7 +201,7 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
             meta = VarlenMetadata.build(batch.cu_seqlens, batch.segment_prefix)
             rec["attention_backend"] = select_backend(probe, meta.backend, meta.has_prefix)
     rep = model.fuse_report
-    return {**rec, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    return {**rec, "peak_rss_bytes": common.peak_rss_bytes(),
             "peak_rss_before_train_bytes": rss_before, "load_s": load_s,
             "peak_cuda_allocated_bytes": (torch.cuda.max_memory_allocated()
                                           if device.type == "cuda" else None),
@@ -323,13 +212,6 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
 # ----------------------------------------------------------------------------------------------
 # orchestration: one subprocess per run, memory guard
 # ----------------------------------------------------------------------------------------------
-
-def _mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 1 << 62
-
 
 def launch(plan_path: Path, side: str, config: str, checkpointing: bool, min_free: float,
            timeout: float) -> dict[str, Any]:
@@ -354,7 +236,7 @@ def launch(plan_path: Path, side: str, config: str, checkpointing: bool, min_fre
     th = threading.Thread(target=reader, daemon=True)
     th.start()
     while proc.poll() is None:
-        if _mem_available() < min_free * GIB:
+        if common.available_memory_bytes() < min_free * GIB:
             reason.append(f"killed: machine's available memory fell below {min_free} GiB")
             proc.kill()
         elif time.perf_counter() - t0 > timeout:
@@ -373,16 +255,7 @@ def launch(plan_path: Path, side: str, config: str, checkpointing: bool, min_fre
     return res
 
 
-def make_adamw(params, spec: dict[str, Any]) -> torch.optim.Optimizer:
-    """The AdamW both sides use: ``spec["adamw"]`` picks torch's implementation (``fused``,
-    ``foreach`` or ``for-loop``); the update is the same algorithm in each."""
-    impl = spec.get("adamw", "foreach")
-    kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(params, lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["eps"],
-                             weight_decay=spec["weight_decay"], **kw)
-
-
-def summarize(run: dict[str, Any], warmup: int) -> dict[str, Any]:
+def step_stats(run: dict[str, Any], warmup: int) -> dict[str, Any]:
     """Timed-step statistics (warm-up steps excluded)."""
     t = run["step_s"][warmup:]
     pairs, real, comp = (sum(run[k][warmup:]) for k in ("pairs", "real_tokens", "tokens_computed"))
@@ -405,134 +278,9 @@ def check_losses(trl: dict, fr: dict, atol_first: float, atol_later: float) -> d
             "max_abs_diff_later": max(d[1:]) if len(d) > 1 else None, "ok": ok}
 
 
-def machine_info() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpus": os.cpu_count(),
-            "load_avg_start": os.getloadavg()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split())
-                info["cpu_bf16"] = bool({"avx512_bf16", "amx_bf16"} & flags)
-                break
-    except OSError:
-        pass
-    return info
-
-
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
-
-def _mem_name(result: dict[str, Any]) -> str:
-    return "peak allocated" if result["spec"].get("device", "cpu") == "cuda" else "peak RSS"
-
-
-def _backends(result: dict[str, Any]) -> str:
-    names = sorted({run.get("attention_backend", "?") for r in result["datasets"].values()
-                    for run in r.get("runs", {}).values() if run.get("side") == "fastrm"
-                    and "error" not in run})
-    return "/".join(names) if names else "n/a"
-
-
-def _fmt_row(dataset: str, name: str, ac: bool, s: dict, lp: str, ratio: str, mem: str) -> str:
-    return (f"| {dataset} | {name} | {'on' if ac else 'off'} | {s['pairs_per_s']:.3f} | "
-            f"{s['real_tokens_per_s']:.0f} | {s['tokens_computed_per_step']:.0f} | "
-            f"{100 * s['pad_fraction']:.1f}% | {s['step_s_min']:.1f} / {s['step_s_median']:.1f} / "
-            f"{s['step_s_max']:.1f} | {s['peak_rss_gib']:.2f} | {lp} | {ratio} | {mem} |")
-
-
-def write_report(result: dict[str, Any], stem: Path) -> None:
-    lines = [f"TRL {result['versions'].get('trl')} (transformers {result['versions'].get('transformers')}) "
-             f"vs fastrm, SmolLM2-135M-Instruct, {result['spec'].get('device', 'cpu')}, "
-             f"{result['spec']['dtype']}, "
-             f"{result['spec']['threads']} threads, batch {result['spec']['batch_pairs']} pairs, "
-             f"AdamW ({result['spec'].get('adamw', 'foreach')}) lr {result['spec']['lr']}, "
-             f"fastrm attention {_backends(result)}, {result['mode']} mode "
-             f"({result['spec']['warmup']} warm-up + {result['spec']['steps']} timed steps per run). "
-             f"Machine: {result['machine'].get('cpu')} ({result['machine']['cpus']} CPUs shared, "
-             f"load average {result['machine']['load_avg_start'][0]:.1f} at start, "
-             f"{result['machine'].get('load_avg_end', [0])[0]:.1f} at end); {result['date']}.", "",
-             f"| data | run | act. ckpt | pairs/s | real tok/s | tokens computed/step | pad | "
-             f"step s min / med / max | {_mem_name(result)} GiB | dropped / truncated for length | "
-             f"pairs/s vs TRL | {_mem_name(result)} vs TRL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for ds, r in result["datasets"].items():
-        if "error" in r:
-            lines.append(f"| {ds} | skipped: {r['error']} |")
-            continue
-        lp = r["length_policy"]
-        for ac in (False, True):
-            trl = r["runs"].get(f"trl_{int(ac)}")
-            if trl is None:
-                continue
-            if "error" in trl:
-                lines.append(f"| {ds} | TRL RewardTrainer | {'on' if ac else 'off'} | {trl['error']} |")
-            else:
-                lines.append(_fmt_row(ds, "TRL RewardTrainer", ac, trl["summary"],
-                                      f"{lp['trl_dropped']} of {lp['pairs']} dropped", "1.00x",
-                                      "1.00x"))
-            for cfg in CONFIGS:
-                fr = r["runs"].get(f"fastrm_{cfg}_{int(ac)}")
-                if fr is None:
-                    continue
-                if "error" in fr:
-                    lines.append(f"| {ds} | fastrm {cfg} | {'on' if ac else 'off'} | {fr['error']} |")
-                    continue
-                ratio = mem = "n/a"
-                if trl is not None and "error" not in trl:
-                    ratio = f"{fr['summary']['pairs_per_s'] / trl['summary']['pairs_per_s']:.2f}x"
-                    mem = f"{fr['summary']['peak_rss_gib'] / trl['summary']['peak_rss_gib']:.2f}x"
-                fl = lp["fastrm_left_prompt"]
-                lines.append(_fmt_row(ds, f"fastrm {cfg}", ac, fr["summary"],
-                                      f"{fl['dropped']} dropped, {fl['truncated_prompts']} "
-                                      "prompts left-truncated (*)", ratio, mem))
-    lines += ["", "(*) fastrm's length policy (``truncation=\"left_prompt\"`` at the same bound) over "
-              "the whole set: a pair is dropped only when a response alone is too long. The timed "
-              "steps of both sides hold the same pairs (those TRL keeps), so the ratios compare "
-              "the same work. Tokens computed: TRL `2B x L_max` (padding included), fastrm the "
-              "packed row (prompts once per pair or group with prefix sharing); real tokens are "
-              "the pairs' full sequences on both sides.",
-              "", "Loss agreement with TRL (same pairs, same steps): "]
-    for ds, r in result["datasets"].items():
-        for key, chk in r.get("loss_check", {}).items():
-            lines.append(f"- {ds} {key}: first step |dloss| {chk['max_abs_diff_first']:.2e}, "
-                         f"later steps max {chk['max_abs_diff_later'] if chk['max_abs_diff_later'] is None else format(chk['max_abs_diff_later'], '.2e')}"
-                         f" ({'ok' if chk['ok'] else 'FAILED'})")
-    lines.append(f"\nTolerances: first step {result['tolerance']['first']}, later steps "
-                 f"{result['tolerance']['later']} (absolute, on the Bradley-Terry loss).")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    dsets = [d for d, r in result["datasets"].items() if "runs" in r]
-    fig, axes = plt.subplots(len(dsets), 2, figsize=(12, 3.6 * max(1, len(dsets))), squeeze=False)
-    names = ["TRL"] + [f"fastrm {c}" for c in CONFIGS]
-    keys = ["trl"] + [f"fastrm_{c}" for c in CONFIGS]
-    for row, ds in enumerate(dsets):
-        runs = result["datasets"][ds]["runs"]
-        for col, (metric, label) in enumerate((("pairs_per_s", "pairs/s"),
-                                               ("peak_rss_gib", "peak RSS (GiB)"))):
-            ax = axes[row][col]
-            for k, ac in enumerate((False, True)):
-                vals = [runs.get(f"{key}_{int(ac)}", {}).get("summary", {}).get(metric, 0.0)
-                        for key in keys]
-                xs = [i + (k - 0.5) * 0.38 for i in range(len(keys))]
-                ax.bar(xs, vals, width=0.38, label=f"act. ckpt {'on' if ac else 'off'}")
-            ax.set_xticks(range(len(keys)))
-            ax.set_xticklabels(names)
-            ax.set_ylabel(label)
-            ax.set_title(f"{ds}: {label}")
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-
 
 # ----------------------------------------------------------------------------------------------
 # main
@@ -576,7 +324,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--plan", default=None)
     ap.add_argument("--config", default="packed")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(HERE))
 
     if args.worker:
         with open(args.plan, "rb") as f:
@@ -623,8 +370,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     acs = [bool(int(x)) for x in args.checkpointing.split(",")]
     configs = [c for c in args.configs.split(",") if c]
     result: dict[str, Any] = {"mode": args.mode, "spec": spec, "versions": versions,
-                              "machine": machine_info(),
-                              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                              "machine": common.machine_info(args.threads, args.device),
+                              "date": common.utc_now(),
                               "tolerance": {"first": args.atol_first, "later": args.atol_later},
                               "datasets": {}}
     stem = Path(args.out) if args.out else RESULTS / f"trl_{args.mode}"
@@ -654,7 +401,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 key = f"{side}_{int(ac)}" if side == "trl" else f"fastrm_{cfg}_{int(ac)}"
                 run = launch(plan_path, side, cfg, ac, args.min_free_gib, args.run_timeout)
                 if "error" not in run:
-                    run["summary"] = summarize(run, spec["warmup"])
+                    run["summary"] = step_stats(run, spec["warmup"])
                     s = run["summary"]
                     print(f"{ds} {key}: {s['pairs_per_s']:.3f} pairs/s, median step "
                           f"{s['step_s_median']:.1f} s, peak memory {s['peak_rss_gib']:.2f} GiB, "
@@ -668,13 +415,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                     chk = check_losses(trl, run, args.atol_first, args.atol_later)
                     r["loss_check"][key] = chk
                     failed |= not chk["ok"]
-        result["machine"]["load_avg_end"] = os.getloadavg()
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        result["machine"]["load_average_after"] = common.load_average()
+        common.write_json(stem.with_suffix(".json"), result)
         write_report(result, stem)
     import shutil
     shutil.rmtree(work, ignore_errors=True)  # plans and per-run JSON, all copied into result
-    result["machine"]["load_avg_end"] = os.getloadavg()
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    result["machine"]["load_average_after"] = common.load_average()
+    common.write_json(stem.with_suffix(".json"), result)
     write_report(result, stem)
     print(stem.with_suffix(".md").read_text())
     if failed:

@@ -1,9 +1,10 @@
-"""Shared helpers of fastrm's benchmark scripts: machine description, thread pinning, the
-measured matmul rate, model specs, analytic FLOP counts, peak-memory probes, statistics and
-Markdown tables.
+"""Shared plumbing of fastrm's benchmark scripts: machine description, thread pinning, the
+measured matmul rate, model specs, analytic FLOP counts, resident-memory probes, the AdamW the
+TRL comparison uses on both sides, statistics, Markdown tables, JSON output and plots.
 
-Nothing here times anything by itself except :func:`matmul_rate`; the scripts
-(``bench_e2e.py``, ``run_all.py``) decide what to measure.
+Nothing here times anything by itself except :func:`matmul_rate`; the scripts (``bench_*.py``,
+``run_all.py``) decide what to measure. They import it as ``common`` (the scripts' directory is
+on ``sys.path`` when one runs; the tests put it there).
 
 FLOP model (:func:`layout_flops`), forward + backward = 3x forward (the usual rule: the backward
 pass costs two forward passes: grads w.r.t. activations and w.r.t. weights):
@@ -39,16 +40,32 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # machine
 # --------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+def _cpuinfo(key: str) -> Optional[str]:
+    """The first ``key`` line of ``/proc/cpuinfo`` (``None`` where there is no such file)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_has_bf16() -> Optional[bool]:
+    """Whether the CPU has bf16 matmul instructions (AVX-512 BF16 or AMX); ``None`` unknown."""
+    flags = _cpuinfo("flags")
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def utc_now() -> str:
+    """The date and time results are stamped with."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def load_average() -> Optional[tuple[float, float, float]]:
@@ -60,18 +77,20 @@ def load_average() -> Optional[tuple[float, float, float]]:
 
 
 def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
-    """What the numbers were measured on: CPU model, ISA level torch dispatches to, threads,
-    core count, load average, torch / Python versions, GPU name, UTC date."""
+    """What the numbers were measured on: CPU model, ISA level torch dispatches to, bf16
+    instructions, threads, core count, load average, torch / Python versions, GPU name, UTC
+    date. Scripts add ``load_average_after`` when they finish."""
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": cpu_has_bf16(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": threads,
         "load_average_1_5_15": load_average(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device,
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": utc_now(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -278,6 +297,33 @@ def peak_rss_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
+def available_memory_bytes() -> int:
+    """The machine's ``MemAvailable`` (``/proc/meminfo``); very large where it is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+# --------------------------------------------------------------------------------------------
+# optimizer
+# --------------------------------------------------------------------------------------------
+
+def make_adamw(params, spec: dict[str, Any]) -> torch.optim.Optimizer:
+    """The AdamW of the TRL comparison, built the same way on both sides (``bench_trl.py``'s
+    fastrm runs, ``trl_peer.py``'s TRL runs): ``spec`` gives ``lr``, ``betas``, ``eps``,
+    ``weight_decay`` and ``adamw``, torch's implementation (``fused``, ``foreach`` or
+    ``for-loop``; the update is the same algorithm in each)."""
+    impl = spec.get("adamw", "foreach")
+    kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(params, lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["eps"],
+                             weight_decay=spec["weight_decay"], **kw)
+
+
 # --------------------------------------------------------------------------------------------
 # statistics and tables
 # --------------------------------------------------------------------------------------------
@@ -313,6 +359,25 @@ def md_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str]],
     return "\n".join([head, sep, *body])
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, indent: int = 1) -> None:
+    """Writes ``obj`` as JSON, creating the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, default=str))
+    path.write_text(json.dumps(obj, indent=indent, default=str))
+
+
+def pyplot():
+    """matplotlib's ``pyplot`` on the file-only Agg backend (matplotlib is in the dev extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lays ``fig`` out, writes it to ``path`` and frees it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path

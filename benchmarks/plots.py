@@ -18,22 +18,15 @@ from typing import Any
 
 import numpy as np
 
+import common
+
 COLORS = {"padded": "#9e9e9e", "packed": "#1f77b4", "packed+prefix": "#2ca02c",
           "grouped": "#d62728"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def speedup_plot(result: dict[str, Any], path: Path) -> Path:
     """Grouped bars: speed-up vs padded (left) and tokens computed / padded's (right)."""
-    plt = _plt()
+    plt = common.pyplot()
     cfgs = [c for c in result["configs"] if not c["data"].startswith("sweep_")]
     labels = [f"{c['data']}\n{c['model']}" for c in cfgs]
     layouts = [lay for lay in COLORS if any(r["layout"] == lay for c in cfgs for r in c["rows"])]
@@ -66,10 +59,7 @@ def speedup_plot(result: dict[str, Any], path: Path) -> Path:
     info = result["machine"]
     fig.suptitle(f"fastrm end to end, {info.get('gpu') or info['cpu']}, "
                  f"{info['torch_threads']} threads, {info['date_utc']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def sweep_plot(result: dict[str, Any], path: Path) -> Path | None:
@@ -77,7 +67,7 @@ def sweep_plot(result: dict[str, Any], path: Path) -> Path | None:
     cfgs = [c for c in result["configs"] if c["data"].startswith("sweep_")]
     if not cfgs:
         return None
-    plt = _plt()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     models = list(dict.fromkeys(c["model"] for c in cfgs))
     for m in models:
@@ -99,10 +89,7 @@ def sweep_plot(result: dict[str, Any], path: Path) -> Path | None:
     s = result["settings"]
     fig.suptitle(f"{s['pairs_per_step']} pairs per step, lognormal lengths, {s['device']} "
                  f"{s['dtype']}, {result['machine']['date_utc']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def plot_all(json_path: Path) -> list[Path]:

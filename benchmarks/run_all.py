@@ -38,9 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import RESULTS  # noqa: E402
+import common
+from common import RESULTS
 
 HERE = Path(__file__).resolve().parent
 
@@ -143,7 +142,7 @@ def headline_table(e2e: dict) -> str:
 
 
 def prefix_table(e2e: dict) -> tuple[str, list[dict]]:
-    """Issue 9: pair-level prefix sharing vs unshared packed pairs, long vs short prompts."""
+    """Pair-level prefix sharing vs unshared packed pairs, long vs short prompts."""
     rows, raw = [], []
     for c in e2e["configs"]:
         if c["data"] not in ("long_prompt", "short_prompt", "longtail", "uniform"):
@@ -167,7 +166,7 @@ def prefix_table(e2e: dict) -> tuple[str, list[dict]]:
 
 
 def grouped_table(e2e: dict) -> tuple[str, list[dict]]:
-    """Issue 14: grouped vs pair-level prefix sharing vs packed vs padded, per epoch."""
+    """Grouped responses vs pair-level prefix sharing vs packed vs padded, per epoch."""
     rows, raw = [], []
     for c in e2e["configs"]:
         if _row(c, "grouped") is None:
@@ -237,8 +236,8 @@ def summarize(args, run: dict[str, dict], info: dict, wall: float) -> dict[str, 
           f"Machine: {common.machine_line(info)}. Command: `python benchmarks/run_all.py"
           f"{' --quick' if args.quick else ''}` ({wall / 60:.1f} min).", ""]
     summary: dict[str, Any] = {"machine": info, "quick": args.quick, "wall_s": round(wall, 1),
-                               "steps": run, "issue9_prefix_sharing": [],
-                               "issue14_grouped": []}
+                               "steps": run, "prefix_sharing": [],
+                               "grouped_responses": []}
     pngs: list[str] = []
     for dev in ("cpu", "cuda"):
         path = RESULTS / f"e2e_{dev}{sfx}.json"
@@ -259,18 +258,18 @@ def summarize(args, run: dict[str, dict], info: dict, wall: float) -> dict[str, 
                f"Memory: {s['memory_method']}. Every layout's first-step loss equals the padded "
                f"one within {max(r['first_step_loss_abs_diff_vs_padded'] for c in e2e['configs'] for r in c['rows']):.1e}.",
                "", headline_table(e2e), ""]
-        t9, raw9 = prefix_table(e2e)
-        t14, raw14 = grouped_table(e2e)
-        md += ["### Prefix sharing (issue 9): shared vs unshared pairs", "", t9, "",
-               "### Grouped responses (issue 14): per benchmark epoch", "", t14, ""]
+        t_prefix, raw_prefix = prefix_table(e2e)
+        t_grouped, raw_grouped = grouped_table(e2e)
+        md += ["### Prefix sharing: shared vs unshared pairs", "", t_prefix, "",
+               "### Grouped responses: per benchmark epoch", "", t_grouped, ""]
         md += ["Data sets: " + "; ".join(f"`{k}`: {v}" for k, v in e2e["data_sets"].items()), ""]
         if e2e.get("skipped"):
             md += ["Skipped: " + "; ".join(f"`{k}`: {v}" for k, v in e2e["skipped"].items()), ""]
         block = readme_block(e2e, [p for p in pngs if f"e2e_{dev}" in p],
                              f"python benchmarks/run_all.py{' --quick' if args.quick else ''}")
         (RESULTS / f"readme_block_{dev}.md").write_text(block)
-        summary["issue9_prefix_sharing"] += [{**x, "device": dev} for x in raw9]
-        summary["issue14_grouped"] += [{**x, "device": dev} for x in raw14]
+        summary["prefix_sharing"] += [{**x, "device": dev} for x in raw_prefix]
+        summary["grouped_responses"] += [{**x, "device": dev} for x in raw_grouped]
         summary[f"e2e_{dev}"] = {"file": str(path.relative_to(HERE.parent)),
                                  "matmul": e2e["matmul"], "settings": s}
     for name in ("fused_head_cpu", "fused_head_cuda"):

@@ -10,7 +10,7 @@ non-pad token. Only the things the comparison must pin down are set explicitly:
 
 * the order of the pairs (``train_sampling_strategy="sequential"`` over a dataset already in the
   benchmark's order), so each TRL step holds exactly the pairs of the matching fastrm step;
-* the optimizer: a ``torch.optim.AdamW`` built by ``bench_trl.make_adamw`` (the benchmark's lr,
+* the optimizer: a ``torch.optim.AdamW`` built by ``common.make_adamw`` (the benchmark's lr,
   betas, eps, weight decay and implementation) over all parameters, with a constant schedule (``LambdaLR(1.0)``), gradient
   clipping at ``max_grad_norm``;
 * the reward head (``score.weight [1, D]``) copied from the benchmark's plan (the same values
@@ -31,13 +31,14 @@ Run through ``bench_trl.py`` (one subprocess per run, so peak RSS is this run's 
 
 from __future__ import annotations
 
-import resource
 import shutil
 import tempfile
 import time
 from typing import Any
 
 import torch
+
+import common
 
 
 def trl_versions() -> dict[str, str]:
@@ -50,18 +51,11 @@ def trl_versions() -> dict[str, str]:
             "accelerate": accelerate.__version__, "datasets": datasets.__version__}
 
 
-def hf_chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids TRL trains on for one conversation (TRL's ``_tokenize``: ``apply_chat_template``
-    with ``tokenize=True``, no generation prompt)."""
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
-    return list(out["input_ids"])
-
-
 def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any]:
     """Trains ``plan["warmup"] + plan["steps"]`` steps with TRL's ``RewardTrainer``.
 
     Args:
-        plan: the benchmark plan (see ``bench_trl.make_plan``): ``rows`` (conversational pairs in
+        plan: the benchmark plan (see ``trl_plan.make_plan``): ``rows`` (conversational pairs in
             the benchmark order, every pair including those TRL will drop), ``kept_pairs`` (the
             token ids of the pairs TRL keeps, in order), ``head_weight [1, D]``, ``spec``.
         gradient_checkpointing: TRL's ``gradient_checkpointing`` flag.
@@ -121,8 +115,7 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         seed=spec["seed"],
         disable_tqdm=True,
     )
-    from bench_trl import make_adamw
-    optimizer = make_adamw(model.parameters(), spec)
+    optimizer = common.make_adamw(model.parameters(), spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
     record: dict[str, list] = {"step_s": [], "loss": [], "tokens_computed": [],
@@ -168,7 +161,7 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
                 or list(ds[k]["rejected_ids"]) != p["prompt"] + p["rejected"]):
             raise RuntimeError(f"TRL's tokens of pair {k} (row {p['row']}) differ from the plan's")
     load_s = time.perf_counter() - t_load
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = common.peak_rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -184,7 +177,7 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         "dropped_pairs": len(rows) - len(ds),
         "total_pairs": len(rows),
         "truncated_pairs": 0,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": common.peak_rss_bytes(),
         "peak_rss_before_train_bytes": rss_before,
         "peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "load_s": load_s,

@@ -23,9 +23,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-RECIPES_DIR = PACKAGE_DIR / "recipes"
-CONFIGS_DIR = RECIPES_DIR / "configs"
+from fastrm import config
+from fastrm.config import list_configs
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 # recipe name -> (file, what it does); configs name their recipe in their header comment
 RECIPES = {
@@ -33,20 +34,12 @@ RECIPES = {
 }
 
 
-def list_configs() -> list[Path]:
-    return sorted(CONFIGS_DIR.glob("*.yaml"))
-
-
 def resolve_config(name: str) -> Path:
-    """A path to a YAML file, or the name of a shipped config (with or without ``.yaml``)."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return p.resolve()
-    shipped = CONFIGS_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if shipped.exists():
-        return shipped
-    names = ", ".join(c.stem for c in list_configs())
-    raise SystemExit(f"fastrm: config {name!r} is neither a file nor a shipped config ({names})")
+    """:func:`fastrm.config.resolve_config`, exiting with the message on a bad name."""
+    try:
+        return config.resolve_config(name)
+    except ValueError as err:
+        raise SystemExit(f"fastrm: {err}") from err
 
 
 def recipe_path(name: str = "reward_model") -> Path:

@@ -8,7 +8,10 @@ Template (ChatML-like, one token per byte)::
     <bos> (<im_start> role "\\n" content <im_end> "\\n")* <eos>
 
 so a conversation's token list is the concatenation of its messages' token lists (plus BOS in
-front and EOS at the end): the reward is read at ``<eos>``.
+front and EOS at the end): the reward is read at ``<eos>``. For generation (``fastrm generate`` /
+``judge`` smoke runs with :func:`fastrm.models.tiny_llama3`) ``add_generation_prompt=True`` leaves
+an assistant turn open (``<im_start> assistant "\\n"``) and a response ends at ``<im_end>`` or
+``<eos>`` (:attr:`ByteChatTokenizer.stop_tokens`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class ByteChatTokenizer:
 
     vocab_size = 256 + _OFFSET
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+    im_start_id, im_end_id = IM_START_ID, IM_END_ID
+    #: ids that end a generated response: the end of the assistant turn, or of the sequence
+    stop_tokens = [IM_END_ID, EOS_ID]
 
     def __init__(self, max_seq_len: int | None = None) -> None:
         self.max_seq_len = max_seq_len
@@ -66,13 +72,20 @@ class ByteChatTokenizer:
         return [IM_START_ID] + self.encode(f"{role}\n{content}") + [IM_END_ID] + self.encode("\n")
 
     def tokenize_messages(
-        self, messages: Sequence[Any], add_end_tokens: bool = True, **kwargs: Any
+        self, messages: Sequence[Any], add_end_tokens: bool = True,
+        add_generation_prompt: bool = False, **kwargs: Any
     ) -> tuple[list[int], list[bool]]:
+        """``(tokens, mask)`` of a conversation; ``add_generation_prompt`` appends an open
+        assistant turn (the prompt a model generates the reply after)."""
         tokens, mask = [BOS_ID], [True]
         for m in messages:
             t = self.tokenize_message(m)
             tokens.extend(t)
             mask.extend([_role_content(m)[2]] * len(t))
+        if add_generation_prompt:
+            t = [IM_START_ID] + self.encode("assistant\n")
+            tokens.extend(t)
+            mask.extend([True] * len(t))
         if add_end_tokens:
             tokens.append(EOS_ID)
             mask.append(True)

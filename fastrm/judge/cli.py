@@ -24,35 +24,19 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-log = logging.getLogger("fastrm.judge")
+from fastrm.config import parse_config_args
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+log = logging.getLogger("fastrm.judge")
 
 
 def _parse(argv: Optional[Sequence[str]], prog: str, doc: str) -> DictConfig:
-    ap = argparse.ArgumentParser(prog=prog, description=doc)
-    ap.add_argument("--config", required=True, help="YAML config path, or the name of a shipped config")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
-    args = ap.parse_args(list(argv) if argv is not None else None)
-    path = Path(args.config)
-    if not path.is_file():
-        shipped = CONFIG_DIR / args.config
-        if not shipped.is_file() and not args.config.endswith(".yaml"):
-            shipped = CONFIG_DIR / f"{args.config}.yaml"
-        if not shipped.is_file():
-            raise SystemExit(f"{prog}: config {args.config!r} is neither a file nor a shipped config in {CONFIG_DIR}")
-        path = shipped
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise SystemExit(f"{prog}: overrides must be key=value, got {bad}")
-    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(args.overrides)))
+    _, cfg = parse_config_args(argparse.ArgumentParser(prog=prog, description=doc), argv)
     logging.basicConfig(level=cfg.get("log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return cfg  # type: ignore[return-value]
+    return cfg
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:

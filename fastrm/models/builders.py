@@ -24,6 +24,7 @@ import importlib
 import inspect
 from typing import Callable, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from fastrm.models.reward_model import RewardModel, load_head
@@ -157,21 +158,43 @@ def tiny_llama3(
     intermediate_dim: Optional[int] = None,
     rope_base: int = 500_000,
     norm_eps: float = 1e-5,
+    seed: Optional[int] = None,
+    output_scale: float = 1.0,
 ):
-    """A small Llama 3 decoder from torchtune's component builder (tests, benchmarks)."""
+    """A small Llama 3 decoder from torchtune's component builder (tests, benchmarks, smoke
+    configs; pair it with :class:`fastrm.data.tokenizer.ByteChatTokenizer`, ``vocab_size=261``).
+
+    Args:
+        seed: draw the random weights from this seed (without touching the global RNG), so a
+            config gives the same model every time; ``None`` draws from the global RNG.
+        output_scale: multiplies the LM output projection, so a random model's next-token
+            distribution is peaked rather than nearly uniform (generation smoke runs).
+    """
     from torchtune.models.llama3._component_builders import llama3
 
-    return llama3(
-        vocab_size=vocab_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        embed_dim=embed_dim,
-        max_seq_len=max_seq_len,
-        intermediate_dim=intermediate_dim,
-        rope_base=rope_base,
-        norm_eps=norm_eps,
-    )
+    def build():
+        return llama3(
+            vocab_size=vocab_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            embed_dim=embed_dim,
+            max_seq_len=max_seq_len,
+            intermediate_dim=intermediate_dim,
+            rope_base=rope_base,
+            norm_eps=norm_eps,
+        )
+
+    if seed is None:
+        model = build()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build()
+    if output_scale != 1.0:
+        with torch.no_grad():
+            model.output.weight.mul_(output_scale)
+    return model
 
 
 def tiny_lora_llama3(

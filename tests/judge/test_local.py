@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastrm.judge.local import LocalBackend, _sample_tokens, encode_chat_prompt
+from fastrm.judge.local import LocalBackend, _sample_tokens, _stop_ids, encode_chat_prompt
 from fastrm.judge.types import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, GenerationRequest, SamplingParams
 
 PROMPTS = ["hi", "what is two plus two?", "tell me a story about a cat", "x"]
@@ -29,6 +29,15 @@ def naive_greedy(model, prompt_ids, n, stop_ids):
         if t in stop_ids:
             break
     return toks[len(prompt_ids):], lps
+
+
+def test_byte_tokenizer_generation_prompt_by_hand(tokenizer):
+    """The prompt leaves the assistant turn open; a response stops at <im_end> or <eos>."""
+    b = lambda text: [c + 5 for c in text.encode()]  # noqa: E731 - byte b is token b + 5
+    bos, eos, im_start, im_end = 1, 2, 3, 4
+    want = [bos, im_start, *b("user\nhi"), im_end, *b("\n"), im_start, *b("assistant\n")]
+    assert encode_chat_prompt(tokenizer, _msgs("hi")) == want
+    assert _stop_ids(tokenizer) == [eos, im_end]
 
 
 @pytest.mark.parametrize("chunk", [3, 256])

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -147,18 +146,12 @@ def test_bad_config():
 
 # --------------------------------------------------------------------------- real server
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def transformers_server(smollm2_dir):
+def transformers_server(smollm2_dir, free_port):
     missing = [m for m in ("transformers", "fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing or shutil.which("transformers") is None:
         pytest.skip(f"`transformers serve` unavailable (missing {missing or ['transformers CLI']}): pip install 'transformers[serving]'")
-    port = _free_port()
+    port = free_port()
     log = open(os.path.join(str(smollm2_dir.parent), f"serve-{port}.log"), "w")
     proc = subprocess.Popen(
         [shutil.which("transformers"), "serve", str(smollm2_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],

@@ -52,6 +52,30 @@ def summed_loss_and_grads(model, loss_fn, batches):
     return total, sorted(per_comparison), grads
 
 
+#: fp32 unit roundoff
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def assert_grads_close(got: dict, want: dict) -> None:
+    """Every parameter gradient of one layout equals the other's, to fp32 rounding.
+
+    The two layouts sum the same per-token contributions in different orders (one segment per
+    group against one per pair), so each gradient element carries a rounding error of a few ulp
+    of the *summands*, not of the element: an element near zero is a cancellation of terms as
+    large as the tensor's largest entries. The absolute tolerance is therefore set from the
+    tensor's scale, ``16 eps max|g|`` (the observed worst case over seeds 0-7 is ~2.2 eps
+    max|g|, on ``head.weight`` and the attention projections), with ``rtol=1e-4`` for the rest
+    and a floor of ``1e-6`` for tensors that are themselves a cancellation (``head.bias``: the
+    bias cancels in ``r_c - r_r`` and only the centering term is left).
+    A wrong layout (a comparison missed, a response read at the wrong position) moves gradients
+    by a share of a whole comparison's contribution, orders of magnitude above this bound.
+    """
+    assert got.keys() == want.keys()
+    for name, ref in want.items():
+        atol = max(1e-6, 16 * _EPS32 * float(ref.abs().max()))
+        torch.testing.assert_close(got[name], ref, rtol=1e-4, atol=atol, msg=name)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_grouped_equals_expanded_pairs(seed):
     torch.manual_seed(seed)
@@ -69,9 +93,8 @@ def test_grouped_equals_expanded_pairs(seed):
     lp, dp, gp = summed_loss_and_grads(model, loss_fn, [pairs])
     torch.testing.assert_close(lg, lp, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(dg), torch.tensor(dp), rtol=1e-4, atol=1e-5)
-    assert gg.keys() == gp.keys() and len(gg) == len(list(model.parameters()))
-    for name in gg:
-        torch.testing.assert_close(gg[name], gp[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert len(gg) == len(list(model.parameters()))
+    assert_grads_close(gg, gp)
 
 
 def test_groups_split_across_rows_serve_every_comparison():
@@ -93,5 +116,4 @@ def test_groups_split_across_rows_serve_every_comparison():
     assert len(ds) == len(dp)
     torch.testing.assert_close(ls, lp, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(ds), torch.tensor(dp), rtol=1e-4, atol=1e-5)
-    for name in gp:
-        torch.testing.assert_close(gs[name], gp[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_grads_close(gs, gp)

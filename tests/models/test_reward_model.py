@@ -45,7 +45,8 @@ def _tiny(family: str, max_seq_len: int = MAX_LEN):
         return gemma(vocab_size=VOCAB, num_layers=2, num_heads=4, head_dim=24, num_kv_heads=2,
                      embed_dim=64, intermediate_dim=96, max_seq_len=max_seq_len)
     if family == "smollm2":
-        smollm2 = pytest.importorskip("fastrm.models.smollm2").smollm2
+        from fastrm.models.smollm2 import smollm2
+
         return smollm2(vocab_size=VOCAB, num_layers=2, num_heads=3, num_kv_heads=1, embed_dim=48,
                        intermediate_dim=96, max_seq_len=max_seq_len)
     raise ValueError(family)
@@ -243,14 +244,10 @@ def _packed_loss(model, batch, impl):
 
 
 def _loss_impls():
-    impls = ["comparison_loss"]
-    try:
-        from fastrm.ops import available_backends
+    from fastrm.ops import available_backends
 
-        impls += [f"fused:{b}" for b in available_backends("cpu") if b in ("torch", "native")]
-    except ImportError:
-        pass
-    return impls
+    return ["comparison_loss"] + [f"fused:{b}" for b in available_backends("cpu")
+                                  if b in ("torch", "native")]
 
 
 @pytest.mark.parametrize("impl", _loss_impls())

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from fastrm.data.batch import collate_packed, collate_padded
+from fastrm.data import collate_packed, collate_padded
 from fastrm.data.group import PreferenceGroup
 from fastrm.functional import comparison_loss
 from fastrm.models import reward_model, tiny_llama3

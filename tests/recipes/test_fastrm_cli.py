@@ -8,7 +8,8 @@ import sys
 
 from omegaconf import OmegaConf
 
-from fastrm.cli import CONFIGS_DIR, main
+from fastrm.cli import main
+from fastrm.config import CONFIGS_DIR
 
 
 def test_ls_lists_recipes_and_every_shipped_config(capsys):
