@@ -18,10 +18,11 @@ Same work on both sides
       TRL reads the reward at the last non-pad token, the final ``\\n`` (SmolLM2's pad token is
       ``<|im_end|>``), and so does fastrm (its reward position is each sequence's last token).
       The TRL worker checks that TRL's processed dataset holds exactly the plan's ids. fastrm's
-      own tokenizer is compared too and the pairs where it differs are counted
-      (``fastrm_tokenizer_mismatched_pairs``: transformers 5's ``GPT2Tokenizer`` drops the
-      ``Digits`` pre-tokenizer of SmolLM2's ``tokenizer.json``, so ``"\\n\\n2013"`` gives
-      ``\\n \\n 2 0 1 3`` there and ``\\n\\n 2 0 1 3`` in fastrm).
+      own tokenizer (the same convention: the model's chat template) is compared too and the
+      pairs where it differs are counted (``fastrm_tokenizer_mismatched_pairs``; 0 since the
+      prepared directory declares ``PreTrainedTokenizerFast``: transformers 5's
+      ``GPT2Tokenizer`` class rebuilds the pre-tokenizer and drops the ``Digits`` step of
+      SmolLM2's ``tokenizer.json``, so ``"\\n\\n2013"`` gave ``\\n \\n 2 0 1 3`` there).
     * optimizer: ``torch.optim.AdamW`` (lr, betas, eps, weight decay; the same implementation
       on both sides, ``--adamw fused`` by default, transformers' own default ``adamw_torch_fused``),
       constant lr, gradient clipping at ``max_grad_norm``; loss: Bradley-Terry mean over the
@@ -168,9 +169,6 @@ def make_plan(dataset: str, ds_cfg: dict, spec: dict, checkpoint_dir: str) -> di
         rows = synthetic_rows(ds_cfg["num_prompts"], ds_cfg["length_scale"], spec["seed"])
 
     tok = smollm2_tokenizer(checkpoint_dir)
-    nl = tok.encode("\n")
-    if len(nl) != 1:
-        raise RuntimeError(f"expected '\\n' to be one token, got {nl}")
     transform = PairTransform({"prompt_id": "prompt_id"})
     fr = PreferenceDataset(tok, data=rows, transform=transform, on_identical="error",
                            progress=False)
@@ -189,15 +187,15 @@ def make_plan(dataset: str, ds_cfg: dict, spec: dict, checkpoint_dir: str) -> di
             raise RuntimeError(f"row {r['row']}: the templated prompt is not a prefix of the pair")
         p = {"row": r["row"], "prompt_id": r["prompt_id"], "prompt": alone,
              "chosen": full["chosen"][n:], "rejected": full["rejected"][n:]}
-        # fastrm's own tokenization of the same pair (+ the template's final "\n")
-        mismatched += any(list(g.prompt_tokens) + list(g.responses[k]) + nl != full[s]
+        # fastrm's own tokenization of the same pair (apply_chat_template's ids, final "\n" included)
+        mismatched += any(list(g.prompt_tokens) + list(g.responses[k]) != full[s]
                           for k, s in enumerate(("chosen", "rejected")))
         pairs.append(p)
         if max(len(p["prompt"]) + len(p[s]) for s in ("chosen", "rejected")) <= max_len:
             kept.append(p)
     # fastrm's own length policy on the same pairs (what fastrm would train on, nothing dropped)
     fr_trunc = PreferenceDataset(tok, data=rows, transform=transform, on_identical="error",
-                                 max_seq_len=max_len - 1, truncation="left_prompt", progress=False)
+                                 max_seq_len=max_len, truncation="left_prompt", progress=False)
     g = torch.Generator().manual_seed(spec["seed"])
     d = 576
     head = torch.randn(1, d, generator=g, dtype=torch.float64) / (d + 1) ** 0.5
