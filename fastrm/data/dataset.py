@@ -47,6 +47,7 @@ comparisons (duplicates kept once, contradictions dropped; both counted).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from pathlib import Path
@@ -71,10 +72,12 @@ def _lcp(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
-def _takes_generation_prompt(tokenizer: Any) -> bool:
+@functools.lru_cache(maxsize=None)
+def _takes_generation_prompt(tokenizer_type: type) -> bool:
+    """Whether ``tokenize_messages`` of this tokenizer class names ``add_generation_prompt``."""
     try:
-        params = inspect.signature(tokenizer.tokenize_messages).parameters
-    except (TypeError, ValueError):
+        params = inspect.signature(tokenizer_type.tokenize_messages).parameters
+    except (AttributeError, TypeError, ValueError):
         return False
     p = params.get("add_generation_prompt")
     return p is not None and p.kind is not inspect.Parameter.VAR_KEYWORD
@@ -102,7 +105,7 @@ def tokenize_group(raw: RawGroup, tokenizer: Any,
     if not raw.prompt:
         return [], full
     limit = min(len(f) for f in full) - 1
-    gen = _takes_generation_prompt(tokenizer)
+    gen = _takes_generation_prompt(type(tokenizer))
     kw = {"add_generation_prompt": True} if gen else {}
     alone = list(tokenizer.tokenize_messages(raw.prompt, **kw)[0])
     n = _lcp(alone, full[0], min(limit, len(alone)))

@@ -225,27 +225,27 @@ class HFChatTokenizer(ModelTokenizer, Transform):
     # ---------------------------------------------------------------- conversations
 
     @staticmethod
-    def _texts(messages: Sequence[Any]) -> List[str]:
-        out = []
-        for m in messages:
-            d = message_to_dict(m)
-            content = d.get("content", "")
-            if not isinstance(content, str):
+    def _dicts(messages: Sequence[Any]) -> List[dict]:
+        """Messages as the plain dicts a template sees; text content only."""
+        if not messages:
+            raise ValueError("messages is empty; pass at least one message")
+        out = [message_to_dict(m) for m in messages]
+        for d in out:
+            if not isinstance(d.get("content", ""), str):
                 raise ValueError(f"message with role {d.get('role')!r}: content must be text, got "
-                                 f"{type(content).__name__}")
-            out.append(content)
+                                 f"{type(d['content']).__name__}")
         return out
 
     def render(self, messages: Sequence[Any], add_generation_prompt: bool = False) -> str:
         """The text that is tokenized: the chat template's rendering (``apply_chat_template(...,
         tokenize=False)``), or in plain mode the concatenated texts (+ ``eos_token`` unless
         ``add_generation_prompt``)."""
-        if not messages:
-            raise ValueError("messages is empty; pass at least one message")
-        texts = self._texts(messages)
+        return self._render(self._dicts(messages), add_generation_prompt)
+
+    def _render(self, dicts: List[dict], add_generation_prompt: bool) -> str:
         if self.chat:
-            return self.template.render(messages, add_generation_prompt=add_generation_prompt)
-        text = "".join(texts)
+            return self.template.render(dicts, add_generation_prompt=add_generation_prompt)
+        text = "".join(d.get("content", "") for d in dicts)
         if not add_generation_prompt and not text.endswith(self.eos_token):
             text += self.eos_token
         return text
@@ -271,19 +271,24 @@ class HFChatTokenizer(ModelTokenizer, Transform):
             ValueError: empty ``messages``, non-text content, a template error, or a too-long
                 sequence with ``truncation="error"``.
         """
-        text = self.render(messages, add_generation_prompt)
+        dicts = self._dicts(messages)
+        text = self._render(dicts, add_generation_prompt)
         enc = self._tok.encode(text, add_special_tokens=not self.chat)
         tokens = list(enc.ids)
-        mask = self._mask(messages, text, enc.offsets, add_generation_prompt)
+        flags = [bool(m.get("masked", False) if isinstance(m, Mapping) else getattr(m, "masked", False))
+                 for m in messages]
+        mask = self._mask(dicts, flags, text, tokens, enc.offsets, add_generation_prompt)
         return self._truncate(tokens, mask, add_generation_prompt)
 
-    def _mask(self, messages: Sequence[Any], text: str, offsets: Sequence[Tuple[int, int]],
-              add_generation_prompt: bool) -> List[bool]:
-        flags = [bool(getattr(m, "masked", False) if not isinstance(m, Mapping) else m.get("masked", False))
-                 for m in messages]
-        if not add_generation_prompt and len(set(flags)) == 1:
-            return [flags[0]] * len(offsets)
-        ends = self._message_ends(messages, text, add_generation_prompt)
+    def _mask(self, dicts: List[dict], flags: List[bool], text: str, tokens: List[int],
+              offsets: Sequence[Tuple[int, int]], add_generation_prompt: bool) -> List[bool]:
+        if len(set(flags)) == 1:
+            if not add_generation_prompt:
+                return [flags[0]] * len(tokens)
+            g = len(self._gen_ids)
+            if g and tokens[-g:] == self._gen_ids:  # the generation prompt is masked
+                return [flags[0]] * (len(tokens) - g) + [True] * g
+        ends = self._message_ends(dicts, text, add_generation_prompt)
         if ends is None:
             return [flags[-1]] * len(offsets)
         out = []
@@ -292,13 +297,13 @@ class HFChatTokenizer(ModelTokenizer, Transform):
             out.append(flags[k] if k < len(flags) else True)  # past the last message: generation prompt
         return out
 
-    def _message_ends(self, messages: Sequence[Any], text: str,
+    def _message_ends(self, messages: List[dict], text: str,
                       add_generation_prompt: bool) -> Optional[List[int]]:
         """Character offset in ``text`` where each message's rendering ends."""
         if not self.chat:
             ends, n = [], 0
-            for t in self._texts(messages):
-                n += len(t)
+            for d in messages:
+                n += len(d.get("content", ""))
                 ends.append(n)
             if not add_generation_prompt:
                 ends[-1] = len(text)  # the EOS closes the last message
