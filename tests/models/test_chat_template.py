@@ -293,3 +293,22 @@ def test_warns_when_transformers_would_rebuild_the_pre_tokenizer(family_dirs, tm
     with caplog.at_level("WARNING", logger="fastrm.models.tokenizer"):
         HFChatTokenizer(d)
     assert "PreTrainedTokenizerFast" in caplog.text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_prompt_truncation_keeps_the_reward_token(family, family_dirs, hf_toks):
+    """The dataset's ``left_prompt`` policy cuts the prompt from the left: every kept sequence is
+    the end of HF's full tokenization, so it still ends on the reward token."""
+    tok, hf = HFChatTokenizer(family_dirs[family]), hf_toks[family]
+    convs = [c for c in conversations(seed=40) if len(c[-1]["content"]) < 60]
+    rows = [{"prompt": c[:-1], "chosen": [c[-1]], "rejected": [{"role": "assistant", "content": "no"}]}
+            for c in convs]
+    L = 48
+    ds = PreferenceDataset(tok, data=rows, max_seq_len=L, truncation="left_prompt", progress=False)
+    assert ds.stats["truncated_prompts"] > 0
+    for g in ds:
+        row = rows[g.source_index]
+        for k, resp in enumerate((row["chosen"], row["rejected"])):
+            full = _ids(hf.apply_chat_template(row["prompt"] + resp))
+            seq = g.sequence(k)
+            assert len(seq) <= L and seq == full[len(full) - len(seq):]
