@@ -18,10 +18,11 @@ Same work on both sides
       TRL reads the reward at the last non-pad token, the final ``\\n`` (SmolLM2's pad token is
       ``<|im_end|>``), and so does fastrm (its reward position is each sequence's last token).
       The TRL worker checks that TRL's processed dataset holds exactly the plan's ids. fastrm's
-      own tokenizer is compared too and the pairs where it differs are counted
-      (``fastrm_tokenizer_mismatched_pairs``: transformers 5's ``GPT2Tokenizer`` drops the
-      ``Digits`` pre-tokenizer of SmolLM2's ``tokenizer.json``, so ``"\\n\\n2013"`` gives
-      ``\\n \\n 2 0 1 3`` there and ``\\n\\n 2 0 1 3`` in fastrm).
+      own tokenizer (the same convention: the model's chat template) is compared too and the
+      pairs where it differs are counted (``fastrm_tokenizer_mismatched_pairs``; 0 since the
+      prepared directory declares ``PreTrainedTokenizerFast``: transformers 5's
+      ``GPT2Tokenizer`` class rebuilds the pre-tokenizer and drops the ``Digits`` step of
+      SmolLM2's ``tokenizer.json``, so ``"\\n\\n2013"`` gave ``\\n \\n 2 0 1 3`` there).
     * optimizer: ``torch.optim.AdamW`` (lr, betas, eps, weight decay; the same implementation
       on both sides, ``--adamw fused`` by default, transformers' own default ``adamw_torch_fused``),
       constant lr, gradient clipping at ``max_grad_norm``; loss: Bradley-Terry mean over the

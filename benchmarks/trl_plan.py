@@ -85,9 +85,6 @@ def make_plan(dataset: str, ds_cfg: dict, spec: dict, checkpoint_dir: str) -> di
         rows = synthetic_rows(ds_cfg["num_prompts"], ds_cfg["length_scale"], spec["seed"])
 
     tok = smollm2_tokenizer(checkpoint_dir)
-    nl = tok.encode("\n")
-    if len(nl) != 1:
-        raise RuntimeError(f"expected '\\n' to be one token, got {nl}")
     transform = PairTransform({"prompt_id": "prompt_id"})
     fr = PreferenceDataset(tok, data=rows, transform=transform, on_identical="error",
                            progress=False)
@@ -106,15 +103,15 @@ def make_plan(dataset: str, ds_cfg: dict, spec: dict, checkpoint_dir: str) -> di
             raise RuntimeError(f"row {r['row']}: the templated prompt is not a prefix of the pair")
         p = {"row": r["row"], "prompt_id": r["prompt_id"], "prompt": alone,
              "chosen": full["chosen"][n:], "rejected": full["rejected"][n:]}
-        # fastrm's own tokenization of the same pair (+ the template's final "\n")
-        mismatched += any(list(g.prompt_tokens) + list(g.responses[k]) + nl != full[s]
+        # fastrm's own tokenization of the same pair (apply_chat_template's ids, final "\n" included)
+        mismatched += any(list(g.prompt_tokens) + list(g.responses[k]) != full[s]
                           for k, s in enumerate(("chosen", "rejected")))
         pairs.append(p)
         if max(len(p["prompt"]) + len(p[s]) for s in ("chosen", "rejected")) <= max_len:
             kept.append(p)
     # fastrm's own length policy on the same pairs (what fastrm would train on, nothing dropped)
     fr_trunc = PreferenceDataset(tok, data=rows, transform=transform, on_identical="error",
-                                 max_seq_len=max_len - 1, truncation="left_prompt", progress=False)
+                                 max_seq_len=max_len, truncation="left_prompt", progress=False)
     g = torch.Generator().manual_seed(spec["seed"])
     d = 576
     head = torch.randn(1, d, generator=g, dtype=torch.float64) / (d + 1) ** 0.5

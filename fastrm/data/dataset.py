@@ -9,11 +9,24 @@ summary of what was dropped or truncated is logged and kept in ``dataset.stats``
 
 Tokenization (exact prefix sharing)
     Each response's full conversation ``prompt + response`` is tokenized with
-    ``tokenizer.tokenize_messages`` (what an unshared pipeline does). ``prompt_tokens`` is the
-    longest common prefix of those sequences and of the prompt tokenized alone, capped so each
-    response keeps at least one token. So ``prompt_tokens + responses[k]`` *is* the unshared
-    sequence, token for token, whatever the chat template; the last token (EOS / end of turn)
-    is where the reward is read. Prompt-free pairs get ``prompt_tokens = []``.
+    ``tokenizer.tokenize_messages`` (what an unshared pipeline does; with
+    :class:`fastrm.models.tokenizer.HFChatTokenizer` that is ``apply_chat_template``'s ids).
+    ``prompt_tokens`` is the longest common prefix of those sequences and of the prompt tokenized
+    alone (as a generation prompt when the tokenizer's ``tokenize_messages`` takes
+    ``add_generation_prompt``, e.g. ``...<|im_start|>assistant\n``), capped so each response
+    keeps at least one token. So ``prompt_tokens + responses[k]`` *is* the unshared sequence,
+    token for token, whatever the chat template; its last token is where the reward is read.
+    When the generation prompt is not a prefix of a full sequence (BPE merged the assistant
+    header with the response's first characters, e.g. a response starting with newlines), the
+    shorter common prefix is shared and ``stats["prompt_not_generation_prefix"]`` counts it.
+    Prompt-free pairs get ``prompt_tokens = []``.
+
+Empty responses are legal (a model that produced nothing should simply lose): they are kept,
+trained on and scored, and counted in ``stats["empty_responses"]`` (empty or whitespace-only
+text). With a chat template an empty assistant turn still has its template tokens; a tokenizer
+that gives no token at all for a response (nothing to read a reward at) is an error naming the
+row: use one that ends sequences with an end token (``HFChatTokenizer``'s plain mode appends
+EOS).
 
 Length policy (``max_seq_len`` bounds every full sequence ``prompt + response``)
     * ``truncation="left_prompt"``: drop prompt tokens from the left until the longest response
@@ -34,6 +47,8 @@ comparisons (duplicates kept once, contradictions dropped; both counted).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
@@ -57,18 +72,52 @@ def _lcp(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
-def tokenize_group(raw: RawGroup, tokenizer: Any) -> tuple[list[int], list[list[int]]]:
+@functools.lru_cache(maxsize=None)
+def _takes_generation_prompt(tokenizer_type: type) -> bool:
+    """Whether ``tokenize_messages`` of this tokenizer class names ``add_generation_prompt``."""
+    try:
+        params = inspect.signature(tokenizer_type.tokenize_messages).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    p = params.get("add_generation_prompt")
+    return p is not None and p.kind is not inspect.Parameter.VAR_KEYWORD
+
+
+def tokenize_group(raw: RawGroup, tokenizer: Any,
+                   stats: Optional[dict[str, int]] = None) -> tuple[list[int], list[list[int]]]:
     """``(prompt_tokens, responses)`` with ``prompt_tokens + responses[k] ==
-    tokenizer.tokenize_messages(raw.prompt + raw.responses[k])[0]`` exactly."""
+    tokenizer.tokenize_messages(raw.prompt + raw.responses[k])[0]`` exactly (see the module
+    docstring); ``stats["prompt_not_generation_prefix"]`` is incremented when the generation
+    prompt was not a prefix of every full sequence.
+
+    Raises:
+        ValueError: a response whose full sequence has no token (naming row and column).
+    """
     full = [list(tokenizer.tokenize_messages(raw.prompt + r)[0]) for r in raw.responses]
+    for k, f in enumerate(full):
+        if not f:
+            col = raw.response_columns[k] if k < len(raw.response_columns) else f"response {k}"
+            raise ValueError(
+                f"row {raw.row}, column {col!r}: the tokenizer gives no token for this (empty) "
+                "response, so there is no token to read its reward at; use a tokenizer that ends "
+                "every sequence with an end token (HFChatTokenizer: a chat template, or plain "
+                "mode, which appends EOS)")
     if not raw.prompt:
         return [], full
     limit = min(len(f) for f in full) - 1
-    alone = list(tokenizer.tokenize_messages(raw.prompt)[0])
+    gen = _takes_generation_prompt(type(tokenizer))
+    kw = {"add_generation_prompt": True} if gen else {}
+    alone = list(tokenizer.tokenize_messages(raw.prompt, **kw)[0])
     n = _lcp(alone, full[0], min(limit, len(alone)))
     for f in full[1:]:
         n = _lcp(full[0], f, n)
+    if gen and n < len(alone) and stats is not None:
+        stats["prompt_not_generation_prefix"] = stats.get("prompt_not_generation_prefix", 0) + 1
     return full[0][:n], [f[n:] for f in full]
+
+
+def _is_empty(response: Sequence[Any]) -> bool:
+    return not any(m.text_content.strip() for m in response)
 
 
 class PreferenceDataset(Dataset):
@@ -139,7 +188,7 @@ class PreferenceDataset(Dataset):
         self.stats: dict[str, int] = {
             "rows": 0, "filtered": 0, "identical_dropped": 0, "truncated_prompts": 0,
             "responses_dropped_too_long": 0, "comparisons_dropped_too_long": 0,
-            "groups_dropped": 0}
+            "groups_dropped": 0, "empty_responses": 0, "prompt_not_generation_prefix": 0}
 
         raws: list[RawGroup] = []
         for i in range(len(data)):
@@ -149,6 +198,7 @@ class PreferenceDataset(Dataset):
                 self.stats["filtered"] += 1
                 continue
             raw = transform(row, i)
+            self.stats["empty_responses"] += sum(_is_empty(r) for r in raw.responses)
             if self._identical(raw, on_identical):
                 continue
             raws.append(raw)
@@ -160,7 +210,7 @@ class PreferenceDataset(Dataset):
         for raw in tqdm(raws, desc="tokenizing preference data", disable=not progress,
                         mininterval=2.0):
             pid = ids.setdefault(raw.key, len(ids))
-            prompt, responses = tokenize_group(raw, tokenizer)
+            prompt, responses = tokenize_group(raw, tokenizer, self.stats)
             g = PreferenceGroup(prompt_tokens=prompt, responses=responses,
                                 comparisons=list(raw.comparisons), prompt_id=pid,
                                 source_index=raw.row, labels=raw.labels,
@@ -177,12 +227,14 @@ class PreferenceDataset(Dataset):
         self.stats.update({f"grouping_{k}": v for k, v in self.grouping.as_dict().items()})
         self.stats["groups"] = len(groups)
         self.stats["comparisons"] = sum(len(g.comparisons) for g in groups)
+        counted = ("empty_responses", "prompt_not_generation_prefix")
         dropped = {k: v for k, v in self.stats.items() if v and k not in (
             "rows", "groups", "comparisons", "grouping_rows", "grouping_groups",
-            "grouping_comparisons")}
+            "grouping_comparisons", *counted)}
         (log.warning if dropped else log.info)(
-            "preference data: %d rows -> %d groups, %d comparisons; %s", self.stats["rows"],
-            len(groups), self.stats["comparisons"], dropped or "nothing dropped or truncated")
+            "preference data: %d rows -> %d groups, %d comparisons; %s; %s", self.stats["rows"],
+            len(groups), self.stats["comparisons"], dropped or "nothing dropped or truncated",
+            ", ".join(f"{k}={self.stats[k]}" for k in counted))
 
     @staticmethod
     def _check_margins(groups: list[PreferenceGroup]) -> None:

