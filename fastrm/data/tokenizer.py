@@ -76,7 +76,8 @@ class ByteChatTokenizer:
         add_generation_prompt: bool = False, **kwargs: Any
     ) -> tuple[list[int], list[bool]]:
         """``(tokens, mask)`` of a conversation; ``add_generation_prompt`` appends an open
-        assistant turn (the prompt a model generates the reply after)."""
+        assistant turn (the prompt a model generates the reply after) and no end token, as
+        ``HFChatTokenizer`` does: it is then a prefix of the conversation with the reply."""
         tokens, mask = [BOS_ID], [True]
         for m in messages:
             t = self.tokenize_message(m)
@@ -86,7 +87,7 @@ class ByteChatTokenizer:
             t = [IM_START_ID] + self.encode("assistant\n")
             tokens.extend(t)
             mask.extend([True] * len(t))
-        if add_end_tokens:
+        if add_end_tokens and not add_generation_prompt:
             tokens.append(EOS_ID)
             mask.append(True)
         if self.max_seq_len is not None:

@@ -19,11 +19,18 @@ def turn(role, content):
 
 
 def prompt_text(*turns):
-    return "<bos>" + "".join(turn(r, c) for r, c in turns)
+    """The shared prompt: the turns, then the open assistant turn (the generation prompt is a
+    prefix of every reply's conversation, so it is computed once too)."""
+    return "<bos>" + "".join(turn(r, c) for r, c in turns) + "<im_start>assistant\n"
 
 
 def reply(content):
-    return turn("assistant", content) + "<eos>"
+    return f"{content}<im_end>\n<eos>"
+
+
+def whole_reply(content):
+    """A prompt-free response: the whole sequence is the response."""
+    return "<bos>" + turn("assistant", content) + "<eos>"
 
 
 def decoded(tok, g):
@@ -108,8 +115,8 @@ def test_prompt_free_pairs_have_empty_prompt(tok, fixtures):
                                      data_files=str(fixtures / "prompt_free.jsonl"), progress=False)
     g = ds[1]
     assert g.prompt_tokens == []
-    assert decoded(tok, g)[1] == ["<bos>" + reply("Paris is in France."),
-                                  "<bos>" + reply("Paris is in Spain.")]
+    assert decoded(tok, g)[1] == [whole_reply("Paris is in France."),
+                                  whole_reply("Paris is in Spain.")]
     assert g.comparisons == [(0, 1, 1.0)]
 
 
@@ -119,7 +126,7 @@ def test_parquet_source(tok, fixtures, tmp_path):
     pd.DataFrame(rows).to_parquet(tmp_path / "pairs.parquet")
     ds = datasets.preference_dataset(tok, source="parquet",
                                      data_files=str(tmp_path / "pairs.parquet"), progress=False)
-    assert decoded(tok, ds[0])[1][0] == "<bos>" + reply(rows[0]["chosen"])
+    assert decoded(tok, ds[0])[1][0] == whole_reply(rows[0]["chosen"])
 
 
 def test_rewardbench_keeps_subset_as_category(tok, fixtures):
@@ -161,7 +168,8 @@ def test_tokenization_invariant_against_full_conversation(tok):
     prompt, resp = tokenize_group(raw, tok)
     for k, msgs in enumerate(raw.responses):
         assert prompt + resp[k] == tok.tokenize_messages(raw.prompt + msgs)[0]
-    assert tok.decode(prompt) == "user\nQ\n"  # the prompt stops at the prompt
+    # the prompt stops at the generation prompt: the replies' shared first words stay theirs
+    assert tok.decode(prompt) == "user\nQ\nassistant\n"
     assert tok.decode(resp[0]).endswith("The answer is 4.\n")
 
 

@@ -54,7 +54,7 @@ def test_scored_fixture_ultrafeedback_completions(tok, fixtures):
                                      progress=False)
     g = ds[0]
     texts = [tok.decode(r) for r in g.responses]
-    assert [t.split("\n")[1] for t in texts] == ["Joyful.", "Sad.", "Glad.", "Hungry."]
+    assert [t.split("\n")[0] for t in texts] == ["Joyful.", "Sad.", "Glad.", "Hungry."]
     # Joyful and Glad tie (9.0): 5 comparisons, 1 tie
     assert ds.stats["ties"] == 1
     assert sorted((i, j, round(m, 6)) for i, j, m in g.comparisons) == [
@@ -83,7 +83,7 @@ def test_group_by_prompt_merges_rows(tok):
                            group_by_prompt=True, progress=False)
     assert len(ds) == 2
     g = ds[0]
-    texts = [tok.decode(r).split("\n")[1] for r in g.responses]
+    texts = [tok.decode(r).split("\n")[0] for r in g.responses]
     assert texts == ["a", "b", "c"]  # d was only in the contradictory pair
     assert [(texts[i], texts[j]) for i, j, _ in g.comparisons] == [("a", "b"), ("a", "c")]
     assert ds.stats["grouping_duplicates"] == 1 and ds.stats["grouping_contradictions"] == 1

@@ -47,8 +47,8 @@ def test_empty_responses_kept_counted_and_trained(tok, fixtures):
     ds = datasets.preference_dataset(tok, source="json", progress=False,
                                      data_files=str(fixtures / "empty_responses.jsonl"))
     assert len(ds) == 6 and ds.stats["empty_responses"] == EMPTY_ROWS
-    g = ds[0]  # rejected "" still has the template's assistant turn and the end token
-    assert tok.decode(g.responses[1], skip_special_tokens=False) == "<im_start>assistant\n<im_end>\n<eos>"
+    g = ds[0]  # rejected "" still closes the template's assistant turn and has the end token
+    assert tok.decode(g.responses[1], skip_special_tokens=False) == "<im_end>\n<eos>"
     for share in (True, False):
         loss, rewards, model, batch = _train_step(ds, tok.vocab_size, share)
         assert torch.isfinite(loss) and rewards.shape == (12,) and torch.isfinite(rewards).all()
