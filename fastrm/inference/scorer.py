@@ -182,28 +182,37 @@ class RewardScorer:
         return [(r - self.reward_mean) / self.reward_std for r in rewards]
 
     # ------------------------------------------------------------------ public scoring
+    def prepare_rows(self, rows: Iterable[Mapping[str, Any]], start: int = 0) -> list[tuple]:
+        """Parses and tokenizes rows: ``(row, parsed, group)`` per row; ``start`` is the index of
+        the first row (for error messages)."""
+        out = []
+        for i, row in enumerate(rows, start):
+            parsed = parse_row(row, i)
+            out.append((row, parsed, tokenize_row(parsed, self.tokenizer)))
+        return out
+
     def iter_score(self, rows: Iterable[Mapping[str, Any]], start: int = 0
                    ) -> Iterator[list[dict]]:
         """Scores ``rows`` chunk by chunk; yields each chunk's output rows in input order
         (every input column kept, plus ``reward`` or ``rewards``). ``start`` is the index of
         the first row (for error messages when resuming)."""
-        chunk: list[tuple[Mapping[str, Any], Any, PreferenceGroup]] = []
+        chunk: list[tuple] = []
         tokens = 0
         for i, row in enumerate(rows, start):
-            parsed = parse_row(row, i)
-            group = tokenize_row(parsed, self.tokenizer)
-            chunk.append((row, parsed, group))
-            tokens += group.num_tokens(shares_prefix(group, True))
+            item = self.prepare_rows([row], i)[0]
+            chunk.append(item)
+            tokens += item[2].num_tokens(shares_prefix(item[2], True))
             if tokens >= self.chunk_tokens:
-                yield self._finish(chunk)
+                yield self.finish_rows(chunk, self.score_groups([g for _, _, g in chunk]))
                 chunk, tokens = [], 0
         if chunk:
-            yield self._finish(chunk)
+            yield self.finish_rows(chunk, self.score_groups([g for _, _, g in chunk]))
 
-    def _finish(self, chunk) -> list[dict]:
-        rewards = self.score_groups([g for _, _, g in chunk])
+    def finish_rows(self, prepared: Sequence[tuple], rewards: Sequence[list[float]]) -> list[dict]:
+        """Output rows of :meth:`prepare_rows` items given their groups' raw rewards: each input
+        row with ``reward`` (one response) or ``rewards`` (best-of-N), normalized if on."""
         out = []
-        for (row, parsed, _), r in zip(chunk, rewards):
+        for (row, parsed, _), r in zip(prepared, rewards):
             r = self.normalized(r)
             res = dict(row)
             res[parsed.output_field] = r if parsed.best_of_n else r[0]
