@@ -8,6 +8,9 @@
     fastrm generate --config ...                many responses per prompt from several models
     fastrm judge --config ...                   LLM-as-judge labelling -> chosen/rejected/margin
     fastrm decompose --config ...               PCA basis reward heads (decomposed reward models)
+    fastrm score --checkpoint DIR --input rows.jsonl --output out.jsonl   rewards of rows
+    fastrm eval --checkpoint DIR --data FILE_OR_BUILDER   pairwise accuracy, RewardBench sections
+    fastrm serve --checkpoint DIR --port P      HTTP reward server (OpenRLHF /get_reward, /score)
 
 ``fastrm train`` runs the same recipe file as ``tune run fastrm/recipes/reward_model.py``: in
 this process for one rank, through torchrun (as ``tune run --nproc_per_node N`` does) for
@@ -171,8 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_prepare)
     for name, module, func in (("generate", "fastrm.judge.cli", "main_generate"),
                                ("judge", "fastrm.judge.cli", "main_judge"),
-                               ("decompose", "fastrm.decompose.cli", "main")):
-        p = sub.add_parser(name, help=f"{name} (see --config)", add_help=False)
+                               ("decompose", "fastrm.decompose.cli", "main"),
+                               ("score", "fastrm.inference.cli", "main_score"),
+                               ("eval", "fastrm.inference.cli", "main_eval"),
+                               ("serve", "fastrm.inference.cli", "main_serve")):
+        p = sub.add_parser(name, help=f"{name} (see --help)", add_help=False)
         p.set_defaults(func=_delegate(module, func))
     return parser
 
