@@ -9,6 +9,8 @@ Public names:
 * :class:`PackedBatch`: the packed batch type (segments, shared prefixes, comparisons).
 * :func:`reward_model` / :func:`lora_reward_model` / :class:`RewardModel`: a reward model around
   any torchtune decoder with packed per-sequence attention (:func:`varlen_attention`).
+* :func:`load_reward_model`: a trained reward model directory (fastrm's checkpoints, or any HF
+  ``*ForSequenceClassification`` directory of a supported family) with its tokenizer.
 """
 
 from fastrm.data.batch import PackedBatch
@@ -16,7 +18,8 @@ from fastrm.loss import RewardLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["PackedBatch", "RewardLoss", "RewardModel", "fused_reward_head_loss", "lora_reward_model",
+__all__ = ["PackedBatch", "RewardLoss", "RewardModel", "fused_reward_head_loss", "load_reward_model",
+           "lora_reward_model",
            "reward_model", "varlen_attention", "__version__"]
 
 # Lazy: the kernels and torchtune models are not free to import and not needed for the loss.
@@ -26,6 +29,7 @@ _LAZY = {
     "reward_model": "fastrm.models",
     "lora_reward_model": "fastrm.models",
     "varlen_attention": "fastrm.attention",
+    "load_reward_model": "fastrm.hf",
 }
 
 
