@@ -24,6 +24,7 @@ norms, activations, Qwen2's half-split RoPE, LoRA MLPs) stays as it is.
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -175,6 +176,7 @@ def saved_activation_bytes(run, exclude=(), also=None) -> int:
         _active.observer = prev
     for t in (also() if also is not None else ()):
         keep(t)
+    gc.collect()  # a freed node caught in a reference cycle would otherwise look kept
     total = sum(n for n, refs in storages.values() if any(r() is not None for r in refs))
     del result
     return total
