@@ -203,7 +203,7 @@ def _param_shapes(m: dict, lora_rank: int = 0) -> list[tuple[tuple[int, ...], bo
             if lora_rank:
                 shapes += [((lora_rank, in_dim), True), ((out_dim, lora_rank), True)]
         shapes += [((I, D), full), ((D, I), full), ((I, D), full), ((D,), full), ((D,), full)]
-    shapes += [((D,), full), ((1, D), True), ((1,), True)]
+    shapes += [((D,), full), ((1, D), True)]  # final norm, reward head (no bias)
     return shapes
 
 
@@ -228,7 +228,7 @@ def test_shipped_big_configs_plan_like_hand_computation(name, capsys):
     n_params = sum(math.prod(s) for s, _ in shapes)
     if not lora:  # the published counts minus the LM head (V x D), plus the reward head
         published = {"8b": 8_030_261_248, "70b": 70_553_706_496}[size]
-        assert n_params == published - m["V"] * m["D"] + m["D"] + 1
+        assert n_params == published - m["V"] * m["D"] + m["D"]
     assert plan["parameters"] == n_params
     assert plan["trainable_parameters"] == sum(math.prod(s) for s, t in shapes if t)
     assert plan["dtype"] == "bfloat16" and plan["attention_backend"] == "flash_attn"
@@ -256,9 +256,10 @@ def test_shipped_big_configs_plan_like_hand_computation(name, capsys):
         L * layer_bytes + outside - (4 if lora else 0))
     assert plan["activation_bytes_per_token_with_checkpointing"] == pytest.approx(
         L * 2 * D + outside + layer_bytes)
-    layer_params = sum(math.prod(s) for s, _ in shapes[1:1 + (len(shapes) - 4) // L])
-    layer_train = sum(math.prod(s) for s, t in shapes[1:1 + (len(shapes) - 4) // L] if t)
-    root = m["V"] * D + D + D + 1
+    per_layer = shapes[1:1 + (len(shapes) - 3) // L]
+    layer_params = sum(math.prod(s) for s, _ in per_layer)
+    layer_train = sum(math.prod(s) for s, t in per_layer if t)
+    root = m["V"] * D + D + D  # embeddings, final norm, head
     assert plan["fsdp_buffers_bytes"] == 2 * (root + 2 * layer_params + layer_train)
     assert plan["buffers_bytes"] == 131072 * d * 4  # one shared fp32 RoPE cache
     assert plan["total_bytes"] == sum(plan[k] for k in (
@@ -278,7 +279,7 @@ def test_shipped_big_configs_validate_without_weights():
 def test_plan_table_and_overrides(capsys):
     assert main(["--config", "llama3_1_8b_full_8xh100", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
-    assert "weights / rank" in out and "fits" in out and "7,504,928,769" in out
+    assert "weights / rank" in out and "fits" in out and "7,504,928,768" in out
     one = _plan_cli(capsys, "--config", "llama3_1_8b_full_8xh100", "--gpus", "1")
     eight = _plan_cli(capsys, "--config", "llama3_1_8b_full_8xh100", "--gpus", "8")
     assert one["fsdp_buffers_bytes"] == 0 and one["total_bytes"] > 3 * eight["total_bytes"]
@@ -336,7 +337,7 @@ def test_fastrm_cli_runs_plan(capsys):
     from fastrm.cli import main as cli_main
 
     assert cli_main(["plan", "--config", "llama3_1_70b_lora_8xh100", "--gpus", "8", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["parameters"] == 69_568_577_537
+    assert json.loads(capsys.readouterr().out)["parameters"] == 69_568_577_536
 
 
 # ------------------------------------------------------------------------- optimizer
