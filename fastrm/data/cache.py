@@ -381,7 +381,7 @@ def encode_groups(data: Sequence[PreferenceGroup]) -> tuple[dict[str, np.ndarray
         has_labels.append(g.labels is not None)
         labels.extend(g.labels or [])
     arrays = {
-        "tokens": np.asarray(tokens, np.int64), "prompt_len": np.asarray(prompt_len, np.int64),
+        "tokens": np.asarray(tokens, np.int32 if max(tokens, default=0) < 2**31 else np.int64), "prompt_len": np.asarray(prompt_len, np.int64),
         "num_responses": np.asarray(n_resp, np.int64), "response_len": np.asarray(resp_len, np.int64),
         "num_comparisons": np.asarray(n_comp, np.int64), "comp_i": np.asarray(ci, np.int64),
         "comp_j": np.asarray(cj, np.int64), "comp_margin": np.asarray(cm, np.float64),
