@@ -4,7 +4,7 @@ same checkpoint, same rows, side by side in one run; and ``fastrm serve`` under 
 
 Model: SmolLM2-135M-Instruct (``fastrm prepare smollm2``) as ``LlamaForSequenceClassification``
 with a seeded random ``score`` head; the fastrm :class:`RewardModel` gets the very same weights
-(torchtune's ``hf_to_tune`` conversion, head = ``score.weight``, bias 0). ``--quick`` uses a
+(torchtune's ``hf_to_tune`` conversion, head = ``score.weight``). ``--quick`` uses a
 tiny random Llama built with transformers instead (CI smoke run). Every run checks that both
 scorers gave the same rewards (max abs difference reported; the test fails above 1e-4).
 
@@ -74,7 +74,6 @@ def _hf_to_fastrm(hf_model, build_decoder):
     load_base_weights(model, tune_sd)
     with torch.no_grad():
         model.head.weight.copy_(hf_model.score.weight)
-        model.head.bias.zero_()
     return model.eval()
 
 
