@@ -42,10 +42,11 @@ RECIPE_STATE_FILE = "recipe_state.pt"
 
 # ---------------------------------------------------------------------- gather / scatter
 def full_state_dict(model: nn.Module, is_rank_zero: bool) -> dict[str, torch.Tensor]:
-    """Full CPU state dict (gathered from shards under FSDP); empty on ranks > 0 when sharded."""
-    if dist.is_initialized():
-        return training.gather_cpu_state_dict(model, is_rank_zero)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """Full CPU state dict (gathered from shards under FSDP one tensor at a time,
+    :func:`~fastrm.training.distributed.iter_full_tensors`); empty on ranks > 0."""
+    from fastrm.training.distributed import iter_full_tensors
+
+    return {k: v for k, v in iter_full_tensors(model, is_rank_zero) if v is not None}
 
 
 def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer,

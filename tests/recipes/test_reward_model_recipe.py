@@ -68,7 +68,7 @@ def test_loss_falls_and_checkpoint_is_complete(tmp_path):
     assert set(head) == {"head.weight", "head.bias"}
     stats = json.loads((out / "reward_stats.json").read_text())
     assert stats["reward_std"] > 0 and 0 <= stats["val_accuracy"] <= 1
-    assert (out / "backbone.pt").exists() and (out / "recipe_state.pt").exists()
+    assert (out / "backbone.pt").exists() and (out / "training_state" / ".metadata").exists()
     backbone = torch.load(out / "backbone.pt", weights_only=True)
     dec_sd = recipe.model.decoder.state_dict()
     for k, v in backbone.items():
