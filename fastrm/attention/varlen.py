@@ -42,7 +42,8 @@ cannot run these tensors (:func:`backend_unavailable_reason`: wrong device or dt
 it lacks, a missing or broken install) raises ``ValueError`` naming the backend, the reason
 and the fix. The automatic choice takes the first that can run of: ``flash_attn``,
 ``torch_varlen`` (CUDA), ``cpu_flash`` (CPU), ``sdpa_segments``; when CUDA tensors end up on
-``sdpa_segments`` it logs why, once per reason. A flash-attn that is installed but fails to
+``sdpa_segments`` (automatically, or chosen explicitly, as is ``reference``) it logs a warning
+once per reason, saying why and how to get the fast path (bf16 with flash-attn or torch_varlen). A flash-attn that is installed but fails to
 import (a CUDA build that does not match, raising ``OSError`` / ``RuntimeError`` /
 ``ImportError``) is logged once with the error and treated as absent.
 
@@ -72,6 +73,11 @@ ENV_VAR = "FASTRM_ATTENTION_BACKEND"
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation; CUDA only"
 _LOGGED: set[str] = set()
+#: what the warnings about a slow backend on CUDA tell the user to do
+SLOW_CUDA_BACKEND_FIX = (
+    "For the fast path train in bf16 (recipe `dtype: auto` or `bf16`) with flash-attn "
+    f"({_FLASH_ATTN_INSTALL}) or torch_varlen (PyTorch >= 2.9, sm80+) and leave "
+    "attention_backend on auto")
 
 
 def _log_once(message: str) -> None:
@@ -259,6 +265,10 @@ def select_backend(
         reason = backend_unavailable_reason(name, q, dropout_p, needs_grad)
         if reason:
             raise ValueError(f"attention backend {name!r} (from {source}) cannot run here: {reason}")
+        if q.is_cuda and name in ("sdpa_segments", "reference"):
+            chosen_by = "attention_backend" if source == "backend" else source
+            _log_once(f"packed attention on CUDA runs the slow {name} backend (chosen by "
+                      f"{chosen_by}). " + SLOW_CUDA_BACKEND_FIX)
         return name
     if q.is_cuda:
         skipped = []
@@ -268,7 +278,8 @@ def select_backend(
                 return candidate
             skipped.append(reason)
         _log_once("packed attention on CUDA falls back to sdpa_segments (one SDPA call per "
-                  "distinct segment length, slower): " + "; ".join(skipped))
+                  "distinct segment length, slower): " + "; ".join(skipped) + ". "
+                  + SLOW_CUDA_BACKEND_FIX)
         return "sdpa_segments"
     if q.dtype == torch.bfloat16 and not cpu_flash_unavailable_reason(q, dropout_p):
         return "cpu_flash"

@@ -81,12 +81,21 @@ class ScoredBatch:
         return int(self.reward_positions.shape[0])
 
     def to(self, device: torch.device | str):
-        """Moves every tensor to ``device`` (non-blocking where possible)."""
+        """Moves every tensor to ``device``; non-blocking, so a copy from pinned memory
+        (:meth:`pin_memory`) overlaps with the GPU's work."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self):
+        """The batch with every tensor in page-locked memory (what a DataLoader with
+        ``pin_memory=True`` calls on each batch)."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+    def _map_tensors(self, fn):
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                moved[f.name] = v.to(device, non_blocking=True)
+                moved[f.name] = fn(v)
         return replace(self, **moved)
 
 

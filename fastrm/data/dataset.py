@@ -515,6 +515,15 @@ def qa_feedback_dataset(
         on_identical=on_identical, **kw)
 
 
+def _qa_feedback_inputs(data_files: Optional[str] = None, **_: Any) -> list[str]:
+    return [data_files or str(default_shared_data_dir() / "qa_feedback" / "pairs.jsonl")]
+
+
+#: the file the data cache must hash (:func:`fastrm.data.cache.cache_inputs`): the default data
+#: file is not among the arguments
+qa_feedback_dataset.cache_inputs = _qa_feedback_inputs
+
+
 def synthetic_preference_dataset(
     tokenizer: Any, *, split: str = "train", num_prompts: int = 10_000, seed: int = 0,
     responses_per_prompt: int = 2, with_margin: bool = True,

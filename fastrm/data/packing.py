@@ -82,6 +82,22 @@ def _identity(x):
     return x
 
 
+class _EpochSteps:
+    """Sampler of ``(epoch, step)`` keys: the steps ``[start_step, len)`` of the dataset's
+    epoch at the time of ``iter()`` (it runs in the main process; the keys carry the epoch to
+    the workers)."""
+
+    def __init__(self, dataset: "PackedPreferenceDataset") -> None:
+        self.dataset = dataset
+
+    def __iter__(self):
+        ds = self.dataset
+        return iter([(ds.epoch, i) for i in range(ds.start_step, len(ds.steps))])
+
+    def __len__(self) -> int:
+        return len(self.dataset.steps) - self.dataset.start_step
+
+
 class PackedPreferenceDataset(Dataset):
     """Map-style dataset of packed training *steps*: item ``i`` is the :class:`PackedBatch` of
     step ``i`` of the current epoch (for this rank).
@@ -199,15 +215,17 @@ class PackedPreferenceDataset(Dataset):
         self.start_step = 0
         self.set_epoch(epoch)
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Plans the steps of ``epoch``; ``start_step`` is where :meth:`dataloader` starts."""
-        self.epoch = int(epoch)
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def plan_epoch(self, epoch: int) -> tuple[list[list[np.ndarray]], int]:
+        """``(steps, num_rows)`` of ``epoch`` for all ranks: each step a list of rows (arrays of
+        indices into :attr:`units`), in the epoch's order, before they are dealt to ranks;
+        ``num_rows`` counts the rows before ``drop_last``. Deterministic in ``seed`` and
+        ``epoch``; independent of ``rank`` and ``world_size``."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
         n = len(self.units)
         if self.order_key is None:
             order = rng.permutation(n)
         else:
-            key = self.order_key(self.epoch) if callable(self.order_key) else self.order_key
+            key = self.order_key(epoch) if callable(self.order_key) else self.order_key
             key = np.asarray(key)[self.unit_source] if callable(self.order_key) else key
             order = np.argsort(key, kind="stable")
         window = self.window or max(1, n)
@@ -219,9 +237,7 @@ class PackedPreferenceDataset(Dataset):
             wrows = [idx[items[a:b]] for a, b in zip(offsets[:-1], offsets[1:])]
             chunks.append(wrows)
             rows.extend(wrows)
-        self.num_rows = len(rows)
-        tokens = int(self.sizes.sum())
-        self.epoch_fill_rate = tokens / max(1, len(rows) * self.max_seq_len)
+        num_rows = len(rows)
         if self.order_key is None:
             perm = rng.permutation(len(rows))
             rows = [rows[i] for i in perm]
@@ -233,6 +249,22 @@ class PackedPreferenceDataset(Dataset):
             steps.pop()
         if self.order_key is not None:
             steps = [steps[i] for i in rng.permutation(len(steps))]
+        return steps, num_rows
+
+    def use_plans(self, plans: dict[int, tuple[list[list[np.ndarray]], int]]) -> None:
+        """Plans of some epochs computed before (:meth:`plan_epoch`'s results, e.g. read from
+        :class:`fastrm.data.cache.DataCache`): :meth:`set_epoch` takes them instead of
+        planning again."""
+        self._plans = dict(plans)
+        self.set_epoch(self.epoch, self.start_step)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Plans the steps of ``epoch``; ``start_step`` is where :meth:`dataloader` starts."""
+        self.epoch = int(epoch)
+        plans = getattr(self, "_plans", {})
+        steps, self.num_rows = plans[self.epoch] if self.epoch in plans else self.plan_epoch(epoch)
+        tokens = int(self.sizes.sum())
+        self.epoch_fill_rate = tokens / max(1, self.num_rows * self.max_seq_len)
         usable = len(steps) - len(steps) % self.world_size if self.world_size > 1 else len(steps)
         self.steps = steps[self.rank:usable:self.world_size]
         self.stats.rows = self.num_rows
@@ -254,18 +286,32 @@ class PackedPreferenceDataset(Dataset):
         """The groups (row by row) of step ``i``."""
         return [self.units[u] for u in self.step_units(i).tolist()]
 
-    def __getitem__(self, i: int) -> PackedBatch:
+    def __getitem__(self, i: int | tuple[int, int]) -> PackedBatch:
+        """Step ``i`` of the current epoch, or step ``i`` of epoch ``e`` for a key ``(e, i)``
+        (what :meth:`dataloader`'s sampler yields: a worker's copy of the dataset follows the
+        epoch from the key, so persistent workers stay right across epochs)."""
+        if isinstance(i, tuple):
+            epoch, i = i
+            if epoch != self.epoch:
+                self.set_epoch(epoch)
         units = self.step_units(i)
         emb = None
         if self.prompt_embeddings is not None:  # a split group keeps its source's prompt
             emb = self.prompt_embeddings[torch.from_numpy(self.unit_source[units])]
         return collate_packed([self.units[u] for u in units.tolist()], self.prefix_sharing, emb)
 
-    def dataloader(self, num_workers: int = 0, pin_memory: bool = False, **kwargs) -> DataLoader:
-        """A DataLoader over the steps ``[start_step, len)`` of the current epoch."""
-        return DataLoader(self, batch_size=None, sampler=range(self.start_step, len(self.steps)),
-                          collate_fn=_identity, num_workers=num_workers, pin_memory=pin_memory,
-                          **kwargs)
+    def dataloader(self, num_workers: int = 0, pin_memory: bool = False,
+                   persistent_workers: bool = False, keys: Optional[Sequence[tuple[int, int]]] = None,
+                   **kwargs) -> DataLoader:
+        """A DataLoader over the steps ``[start_step, len)`` of the epoch current at each
+        ``iter()`` (or over fixed ``(epoch, step)`` ``keys``). One loader serves every epoch,
+        so ``persistent_workers`` keep their processes; ``num_workers > 0`` collates steps in
+        worker processes while the model runs, ``pin_memory`` puts them in page-locked memory
+        for non-blocking copies to the GPU."""
+        sampler = _EpochSteps(self) if keys is None else list(keys)
+        return DataLoader(self, batch_size=None, sampler=sampler, collate_fn=_identity,
+                          num_workers=num_workers, pin_memory=pin_memory,
+                          persistent_workers=persistent_workers and num_workers > 0, **kwargs)
 
     def state_dict(self, steps_done: int) -> dict:
         """Position to checkpoint: ``steps_done`` steps of the current epoch were consumed."""

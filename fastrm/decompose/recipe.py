@@ -61,11 +61,12 @@ def build_splits(cfg: DictConfig, output_dir: Path, progress: bool = True) -> di
     if cfg.get("model") is None or cfg.get("splits") is None:
         raise ValueError("the config needs either an `embeddings` section (a source with "
                          "build(output_dir)) or `model`, `tokenizer` and `splits` sections")
-    from fastrm.training.dtype import resolve_dtype
+    from fastrm.training.dtype import enable_tf32, resolve_dtype
     from fastrm.training.model_setup import build_model
 
     device = torch.device(cfg.get("device", "cpu"))
     dtype = resolve_dtype(str(cfg.get("dtype", "fp32")), device)
+    enable_tf32(device, dtype)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     model, _ = build_model(cfg, device, dtype)

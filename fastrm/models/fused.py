@@ -232,8 +232,11 @@ class FusedRotaryEmbedding(nn.Module):
                  dtype: torch.dtype) -> torch.Tensor:
         cache = self.rope.cache
         compiling = torch.compiler.is_compiling()
+        # inference tensors (torch.inference_mode: scoring) have no version counter; the memo
+        # is still keyed on the tensor's identity
         key = (cache.data_ptr(), cache.dtype, dtype, b, s,
-               None if input_pos is None else input_pos._version)
+               None if input_pos is None else
+               (-1 if input_pos.is_inference() else input_pos._version))
         if not compiling and self._memo is not None:
             ref, memo_key, cs = self._memo
             if memo_key == key and (input_pos is None or ref() is input_pos):

@@ -218,6 +218,17 @@ class HFChatTokenizer(ModelTokenizer, Transform):
             ids = ids + [self.eos_id]
         return ids
 
+    def encode_rendered(self, text: str) -> List[int]:
+        """Tokens of an already rendered conversation (``render(messages)``'s text, e.g. what
+        OpenRLHF's remote reward client sends): :meth:`tokenize_messages`'s tokens for the
+        conversation that renders to ``text``. Chat mode: the text encoded as it is; plain
+        mode: ``eos_token`` appended unless present, with the post-processor (BOS)."""
+        if self.chat:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        if not text.endswith(self.eos_token):
+            text += self.eos_token
+        return self._tok.encode(text, add_special_tokens=True).ids
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Ids back to text."""
         return self._tok.decode([int(t) for t in token_ids], skip_special_tokens=skip_special_tokens)

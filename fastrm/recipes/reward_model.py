@@ -45,7 +45,7 @@ from fastrm.loss import RewardLoss
 from fastrm.training import checkpoint as ckpt_io
 from fastrm.training import distributed as dist_utils
 from fastrm.training.config import parse, validate_config
-from fastrm.training.dtype import resolve_dtype
+from fastrm.training.dtype import enable_tf32, resolve_dtype
 from fastrm.training.evaluation import evaluate
 from fastrm.training.metrics import StepAccumulator, loss_normalizer, memory_stats, reset_memory_stats
 from fastrm.training.model_setup import RewardModelStep, build_model, build_sharded_step_module
@@ -66,6 +66,7 @@ class RewardModelRecipe:
         self.is_rank_zero = self.rank == 0
         self.device = utils.get_device(cfg.get("device", "cpu"))
         self.dtype = resolve_dtype(cfg.get("dtype", "fp32"), self.device)
+        enable_tf32(self.device, self.dtype)
         if cfg.get("num_threads"):
             torch.set_num_threads(int(cfg.num_threads))
         self.output_dir = Path(cfg.output_dir)

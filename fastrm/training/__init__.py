@@ -5,7 +5,7 @@ module, usable on their own (``fastrm.decompose`` builds its backbone with
 * :mod:`~fastrm.training.config`: config checks (unknown keys with a "did you mean") and the
   command-line parser (optional sections can be turned off);
 * :mod:`~fastrm.training.distributed`: process group, device mesh, reductions;
-* :mod:`~fastrm.training.dtype`: the dtype rule (``fp32``, ``bf16``, ``auto``);
+* :mod:`~fastrm.training.dtype`: the dtype rule (``fp32``, ``bf16``, ``auto``), TF32 for fp32 on CUDA;
 * :mod:`~fastrm.training.model_setup`: build the model, the trainable policy, the step module
   that binds the head to the loss, FSDP2 sharding;
 * :mod:`~fastrm.training.step_data`: a split's packed steps for this rank, per epoch;
@@ -22,7 +22,7 @@ import importlib
 _LAZY = {
     "ConfigError": "config", "validate_config": "config", "parse": "config",
     "init_distributed": "distributed", "device_mesh": "distributed",
-    "resolve_dtype": "dtype",
+    "resolve_dtype": "dtype", "enable_tf32": "dtype",
     "build_model": "model_setup", "apply_trainable_policy": "model_setup",
     "RewardModelStep": "model_setup", "shard": "model_setup",
     "StepData": "step_data", "build_step_data": "step_data",

@@ -29,7 +29,7 @@ OPTIONAL = (
     "gradient_accumulation_steps", "clip_grad_norm", "enable_activation_checkpointing", "compile",
     "save_every_n_steps", "save_final_checkpoint", "resume_from_checkpoint", "metric_logger",
     "log_every_n_steps", "trainable", "eval_every_n_steps", "eval_max_steps", "attention_backend",
-    "fsdp_reshard_after_forward", "num_threads", "cross_prompt",
+    "fsdp_reshard_after_forward", "num_threads", "cross_prompt", "data_cache_dir", "dataloader",
 )
 
 #: keys of the plain (non-component) sections, as the recipe reads them
@@ -37,6 +37,7 @@ PLAIN_SECTIONS = {
     "packing": ("max_seq_len", "rows_per_step", "prefix_sharing"),
     "trainable": ("last_n_layers", "embeddings", "final_norm"),
     "cross_prompt": ("embedder",),
+    "dataloader": ("num_workers", "pin_memory", "persistent_workers"),
 }
 
 #: the dtypes the recipe trains in (fp16 needs loss scaling, which the recipe does not do)
@@ -137,6 +138,13 @@ def validate_config(cfg: DictConfig) -> None:
     dtype = cfg.get("dtype", "fp32")
     if dtype not in RECIPE_DTYPES:
         raise ConfigError(f"dtype={dtype!r}: use fp32, bf16 or auto (bf16 where the hardware is fast at it)")
+    cache_dir = cfg.get("data_cache_dir", None)
+    if cache_dir is not None and not isinstance(cache_dir, (str, bool)):
+        raise ConfigError(f"data_cache_dir={cache_dir!r}: give a folder, or null / false to turn "
+                          "the data cache off")
+    workers = (cfg.get("dataloader") or {}).get("num_workers", None)
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"dataloader.num_workers must be an integer >= 0, got {workers!r}")
     gas = cfg.get("gradient_accumulation_steps", 1)
     if not isinstance(gas, int) or gas < 1:
         raise ConfigError(f"gradient_accumulation_steps must be an integer >= 1, got {gas!r}")

@@ -180,6 +180,32 @@ def test_automatic_fp32_on_cuda_falls_back_with_one_log_line(flash, gpu, caplog)
         assert select_backend(cuda_q(torch.float32)) == "sdpa_segments"
     msgs = _warnings(caplog)
     assert len(msgs) == 1 and "sdpa_segments" in msgs[0] and "torch.float32" in msgs[0], msgs
+    # the warning says how to get the fast path
+    for fix in ("bf16", "`dtype: auto`", "pip install flash-attn", "torch_varlen"):
+        assert fix in msgs[0], (fix, msgs[0])
+
+
+@pytest.mark.parametrize("name", ["sdpa_segments", "reference"])
+def test_explicit_slow_backend_on_cuda_warns_once_with_the_fix(flash, gpu, caplog, name):
+    flash(missing=True)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    for _ in range(3):
+        assert select_backend(cuda_q(), name) == name
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1, msgs
+    assert f"slow {name} backend (chosen by attention_backend)" in msgs[0]
+    assert "bf16" in msgs[0] and "flash-attn" in msgs[0] and "torch_varlen" in msgs[0]
+
+
+def test_fast_or_cpu_choices_do_not_warn(flash, gpu, caplog):
+    flash(module=_fake_flash_module([]))
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    assert select_backend(cuda_q()) == "flash_attn"
+    assert select_backend(cuda_q(), "torch_varlen") == "torch_varlen"
+    cpu = torch.zeros(7, 4, 64)
+    assert select_backend(cpu, "sdpa_segments") == "sdpa_segments"
+    assert select_backend(cpu) == "sdpa_segments"
+    assert _warnings(caplog) == []
 
 
 def test_torch_varlen_dropout(flash, gpu, caplog):
