@@ -157,9 +157,7 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
                                        model_type="LLAMA3_2", output_dir=out_dir)
         load_base_weights(model, ckpt.load_checkpoint()["model"])
     with torch.no_grad():
-        model.head.weight.copy_(plan["head_weight"])
-        model.head.bias.zero_()
-    model.head.bias.requires_grad_(False)  # HF's score head has no bias
+        model.head.weight.copy_(plan["head_weight"])  # bias-free, as HF's score head
     device = torch.device(spec.get("device", "cpu"))
     model.to(device)
     if checkpointing:

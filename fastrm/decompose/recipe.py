@@ -19,7 +19,7 @@ Steps (each one function of this package; the config names every setting):
    std over the draws are reported next to head 0 and the best single head (chosen on the
    same shots) on the same rest.
 6. **Save**: ``heads/heads.safetensors`` (``weight [k, D]``: a ``D -> k`` head),
-   ``heads/head_<i>.safetensors`` (``head.weight [1, D]``, ``head.bias [1]``: the training recipe's
+   ``heads/head_<i>.safetensors`` (``head.weight [1, D]``: the training recipe's
    ``head_checkpoint`` format, to score with head ``i`` through the fused head + loss path),
    ``heads/weights_<method>.json`` (the weights of the first draw) and
    ``heads/head_<method>.safetensors`` (the mixed head ``W^T alpha``).
@@ -143,13 +143,14 @@ def run_adaptation(heads: DecomposedHeads, pairs: PairEmbeddings, acfg: DictConf
 def save_head_files(heads: DecomposedHeads, out: Path, weights: dict) -> None:
     """``head_<i>.safetensors`` and ``head_<method>.safetensors`` in the training recipe's
     ``head_checkpoint`` format (:func:`fastrm.models.reward_model.write_head`:
-    ``head.weight [1, D]``, ``head.bias [1]``)."""
+    ``head.weight [1, D]``; reward heads are bias-free, so a mix's offset ``hw.bias``, which
+    cancels in every comparison, stays in ``weights_<method>.json``)."""
     from fastrm.models.reward_model import write_head
 
     for i in range(heads.num_heads):
-        write_head(out / f"head_{i}.safetensors", *heads.combine(head=i))
+        write_head(out / f"head_{i}.safetensors", heads.combine(head=i)[0])
     for name, hw in weights.items():
-        write_head(out / f"head_{name}.safetensors", *heads.combine(weights=hw.weights, bias=hw.bias))
+        write_head(out / f"head_{name}.safetensors", heads.combine(weights=hw.weights)[0])
 
 
 def run(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:

@@ -225,18 +225,64 @@ class RewardScorer:
         ``rewards`` (``responses`` rows), in input order (see :mod:`fastrm.inference.rows`)."""
         return [r for chunk in self.iter_score(rows) for r in chunk]
 
-    def tokenize_texts(self, texts: Sequence[str]) -> list[PreferenceGroup]:
-        """Rendered conversation texts (OpenRLHF ``query``) as prompt-free one-response groups
-        (:func:`fastrm.inference.rows.text_tokens`)."""
-        out = []
+    def tokenize_texts(self, texts: Sequence[str], min_shared: int = 16
+                       ) -> tuple[list[PreferenceGroup], list[tuple[int, int]]]:
+        """Rendered conversation texts (OpenRLHF ``query``: ``prompt + response`` as one string)
+        as groups: texts whose token sequences share a prefix of at least ``min_shared`` tokens
+        (the same prompt with different responses, as a PPO batch sends them) become one group
+        whose common prefix is computed once; the others are prompt-free one-response groups.
+        Returns the groups and, per text, ``(group, response)`` where its reward lands. Exact:
+        a prefix shared by causal attention is the same computation
+        (:func:`fastrm.inference.rows.text_tokens` gives the tokens)."""
+        seqs = []
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ValueError(f"query {i} is a {type(t).__name__}, not a string")
-            out.append(PreferenceGroup(prompt_tokens=[], responses=[text_tokens(self.tokenizer, t)],
-                                       comparisons=[], source_index=i))
-        return out
+            seqs.append(text_tokens(self.tokenizer, t))
+        # runs of lexicographically sorted sequences: a run grows while the prompt tokens it
+        # saves, (members - 1) * shared prefix, grow (a long shared system prompt does not
+        # swallow the longer prompts that follow it)
+        def lcp(a: list[int], b: list[int], limit: int) -> int:
+            k = 0
+            while k < limit and a[k] == b[k]:
+                k += 1
+            return k
+
+        runs: list[tuple[list[int], int]] = []
+        members: list[int] = []
+        shared = 0
+        for i in sorted(range(len(seqs)), key=lambda i: seqs[i]):
+            if members:
+                first = seqs[members[0]]
+                p = lcp(first, seqs[i], min(shared, len(seqs[i]) - 1))
+                if p >= min_shared and len(members) * p > (len(members) - 1) * shared:
+                    members.append(i)
+                    shared = p
+                    continue
+                runs.append((members, shared))
+            members, shared = [i], len(seqs[i]) - 1
+        if members:
+            runs.append((members, shared))
+        groups: list[PreferenceGroup] = []
+        where: list[tuple[int, int]] = [(0, 0)] * len(seqs)
+        for members, shared in runs:
+            if len(members) == 1:
+                where[members[0]] = (len(groups), 0)
+                groups.append(PreferenceGroup(prompt_tokens=[], responses=[seqs[members[0]]],
+                                              comparisons=[], source_index=f"query {members[0]}"))
+                continue
+            members.sort()
+            for k, i in enumerate(members):
+                where[i] = (len(groups), k)
+            groups.append(PreferenceGroup(
+                prompt_tokens=seqs[members[0]][:shared],
+                responses=[seqs[i][shared:] for i in members], comparisons=[],
+                source_index=f"queries {members[:4]}"))
+        return groups, where
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """One reward per rendered conversation text (``prompt + response`` as the chat template
-        writes it): what ``POST /get_reward`` returns."""
-        return [self.normalized(r)[0] for r in self.score_groups(self.tokenize_texts(texts))]
+        writes it): what ``POST /get_reward`` returns. Shared prompts are computed once."""
+        groups, where = self.tokenize_texts(texts)
+        rewards = self.score_groups(groups)
+        return [self.normalized([rewards[g][k]])[0] for g, k in where]

@@ -7,7 +7,9 @@ Endpoints (JSON in, JSON out):
   ``{"rewards": [floats], "scores": [floats]}`` (``scores`` repeats the rewards for clients that
   read that key). Each query is a whole rendered conversation (``prompt + response`` as the chat
   template writes it); it is tokenized as the training data was
-  (:func:`fastrm.inference.rows.text_tokens`). Other keys (``prompts``, ``labels``) are ignored.
+  (:func:`fastrm.inference.rows.text_tokens`); queries that share a prompt (a PPO batch sends
+  several samples per prompt) have it computed once. Other keys (``prompts``, ``labels``) are
+  ignored.
 * ``POST /score`` -- ``{"rows": [rows]}`` in any format of :mod:`fastrm.inference.rows`
   (``{prompt, response}``, ``{messages}``, ``{prompt, responses}``) -> ``{"rewards": [...]}``,
   one entry per row: a float, or a list for a ``responses`` row. The prompt of a best-of-N row
@@ -250,8 +252,9 @@ class RewardServer(ThreadingHTTPServer):
         if not isinstance(queries, list) or not queries:
             raise BadRequest('/get_reward takes {"query": [texts]} (OpenRLHF): "query" must be a '
                              "non-empty list of strings")
-        groups = self.scorer.tokenize_texts(queries)
-        rewards = [self.scorer.normalized(r)[0] for r in self.batcher.submit(groups)]
+        groups, where = self.scorer.tokenize_texts(queries)
+        raw = self.batcher.submit(groups)
+        rewards = [self.scorer.normalized([raw[g][k]])[0] for g, k in where]
         return {"rewards": rewards, "scores": rewards}
 
     def score(self, body: dict) -> dict:

@@ -5,7 +5,9 @@ exist in one process's memory to be written).
 The files are what ``LlamaForCausalLM.save_pretrained`` writes (HF parameter names,
 ``config.json``, ``model.safetensors.index.json`` over one file per group of layers), so
 torchtune's ``FullModelHFCheckpointer`` (``model_type: LLAMA3``) and transformers both load
-them.
+them, plus a byte-level tokenizer (:func:`write_byte_tokenizer`: 256 bytes and 5 Llama 3-style
+special tokens, ids < 261, with a chat template), so the directory is a complete model that
+``fastrm.models.tokenizer.hf_tokenizer`` reads and the recipe exports as an HF reward model.
 """
 
 from __future__ import annotations
@@ -40,6 +42,36 @@ def _draw(shape: tuple, name: str, gen: torch.Generator, std: float) -> torch.Te
     return std * torch.randn(shape, generator=gen)
 
 
+#: the byte tokenizer's special tokens (ids 256..260) and chat template (Llama 3's layout)
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<|pad|>")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def write_byte_tokenizer(out_dir: str | os.PathLike) -> None:
+    """``tokenizer.json`` (byte-level BPE without merges: one token per byte, ids 0..255, then
+    :data:`SPECIAL_TOKENS` as 256..260) and ``tokenizer_config.json`` (bos / eos / pad tokens,
+    :data:`CHAT_TEMPLATE`) into ``out_dir``, atomically."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda c: ord(c))
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    out = Path(out_dir)
+    with atomic_path(out / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[0],
+              "eos_token": SPECIAL_TOKENS[3], "pad_token": SPECIAL_TOKENS[4],
+              "chat_template": CHAT_TEMPLATE, "model_max_length": 1 << 20}
+    with atomic_path(out / "tokenizer_config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
+
+
 def write_random_llama_checkpoint(
     out_dir: str | os.PathLike,
     *,
@@ -58,8 +90,8 @@ def write_random_llama_checkpoint(
 ) -> dict[str, Any]:
     """Writes a random Llama 3-shaped HF checkpoint into ``out_dir``, one safetensors file per
     ``layers_per_file`` decoder layers (plus one for the embeddings, final norm and LM head),
-    each written atomically; weights ``~ N(0, std^2)``, norm scales ``1 + N(0, 0.01)``, drawn
-    from ``seed``. Returns a ``checkpointer`` config section for the reward-model recipe
+    each written atomically, and the byte tokenizer (``vocab_size`` must be at least 261);
+    weights ``~ N(0, std^2)``, norm scales ``1 + N(0, 0.01)``, drawn from ``seed``. Returns a ``checkpointer`` config section for the reward-model recipe
     (torchtune's ``FullModelHFCheckpointer``, ``model_type: LLAMA3``).
 
     ``intermediate_dim`` defaults to torchtune's Llama 3 rule (``scale_hidden_dim_for_mlp``),
@@ -68,6 +100,9 @@ def write_random_llama_checkpoint(
     from safetensors.torch import save_file
     from torchtune.models.llama3._model_utils import scale_hidden_dim_for_mlp
 
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size}: the byte tokenizer needs at least "
+                         f"{256 + len(SPECIAL_TOKENS)} ids")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hd = embed_dim // num_heads
@@ -107,9 +142,11 @@ def write_random_llama_checkpoint(
         "rope_theta": rope_base, "rms_norm_eps": norm_eps, "hidden_act": "silu",
         "tie_word_embeddings": False, "torch_dtype": "float32",
     }
+    config.update(bos_token_id=256, eos_token_id=259, pad_token_id=260)
     for name, obj in (("model.safetensors.index.json", index), ("config.json", config)):
         with atomic_path(out / name) as tmp:
             tmp.write_text(json.dumps(obj, indent=2))
+    write_byte_tokenizer(out)
     return {
         "_component_": "torchtune.training.FullModelHFCheckpointer",
         "checkpoint_dir": str(out),

@@ -35,7 +35,12 @@ LM_HEAD_KEYS = ("output.weight", "output.bias")
 
 
 class RewardHead(nn.Linear):
-    """``r = h @ w + b``: hidden ``[..., D]`` -> reward ``[..., 1]``.
+    """``r = h @ w``: hidden ``[..., D]`` -> reward ``[..., 1]``, no bias.
+
+    Bias-free like HF's ``*ForSequenceClassification.score`` (so a saved checkpoint gives the
+    same rewards in transformers, TRL, OpenRLHF and vLLM): a bias shifts every reward by the
+    same amount, which no pairwise loss sees, and centering (``RewardLoss(center_rewards=...)``)
+    acts through the weights.
 
     Marked as a torchtune adapter (``adapter_params()``), so torchtune's PEFT utilities
     (``get_adapter_params`` + ``set_trainable_params``, adapter checkpoints) train and save the
@@ -44,22 +49,21 @@ class RewardHead(nn.Linear):
 
     Args:
         embed_dim: ``D``.
-        init_std: weights ``~ N(0, init_std^2)``, bias 0. Default ``1 / sqrt(D + 1)`` (the
+        init_std: weights ``~ N(0, init_std^2)``. Default ``1 / sqrt(D + 1)`` (the
             initialisation of TRL / OpenRLHF reward heads).
     """
 
     def __init__(self, embed_dim: int, init_std: Optional[float] = None) -> None:
         self.init_std = init_std
-        super().__init__(embed_dim, 1, bias=True)
+        super().__init__(embed_dim, 1, bias=False)
 
     def reset_parameters(self) -> None:
         std = self.init_std if self.init_std is not None else 1.0 / math.sqrt(self.in_features + 1)
         nn.init.normal_(self.weight, mean=0.0, std=std)
-        nn.init.zeros_(self.bias)
 
     def adapter_params(self) -> list[str]:
         """Parameter names torchtune's ``get_adapter_params`` treats as trainable adapters."""
-        return ["weight", "bias"]
+        return ["weight"]
 
 
 class RewardModel(nn.Module):
@@ -77,8 +81,8 @@ class RewardModel(nn.Module):
             ones of :mod:`fastrm.models.fused` (same parameters and math, about half the
             activation memory; default). ``False`` keeps torchtune's modules.
 
-    State-dict keys: ``decoder.*`` (torchtune names under ``decoder.``), ``head.weight [1, D]``,
-    ``head.bias [1]``.
+    State-dict keys: ``decoder.*`` (torchtune names under ``decoder.``), ``head.weight [1, D]``
+    (a custom ``head`` may add ``head.bias``; HF export needs the bias-free :class:`RewardHead`).
     """
 
     def __init__(
@@ -275,6 +279,7 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
     adapter_keys_initialised: list[str] = field(default_factory=list)
     loaded: int = 0
+    head_loaded: bool = False
 
 
 def _adapter_keys(decoder: nn.Module) -> set[str]:
@@ -292,23 +297,24 @@ def load_base_weights(
     The LM head (``output.weight``) is dropped and reported; every other decoder key must be
     present and match, except LoRA / DoRA adapter weights, which keep their initialisation
     (``lora_b`` starts at zero, so the model equals the base model). Keys may carry a
-    ``decoder.`` prefix. The reward head is not touched.
+    ``decoder.`` prefix. A ``head.weight`` key (a reward-model checkpoint, e.g. an HF
+    ``score.weight`` read by :class:`fastrm.hf.HFCheckpointer`) is loaded into the head
+    (``report.head_loaded``); without it the head is not touched.
 
     Raises:
         ValueError: listing missing or unexpected keys.
     """
     report = LoadReport()
     sd: dict[str, torch.Tensor] = {}
+    head: dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
         name = k[len("decoder."):] if k.startswith("decoder.") else k
         if name in LM_HEAD_KEYS:
             report.dropped.append(name)
             continue
         if k.startswith("head."):
-            raise ValueError(
-                f"state dict key {k!r} is a reward-head weight; load it with load_head(), not "
-                "as a base checkpoint"
-            )
+            head[k[len("head."):]] = v
+            continue
         sd[name] = v
     missing, unexpected = model.decoder.load_state_dict(sd, strict=False)
     adapters = _adapter_keys(model.decoder)
@@ -320,6 +326,12 @@ def load_base_weights(
             f"({len(real_missing)}), unexpected {list(unexpected)[:8]} ({len(unexpected)}); "
             "check model_type / the builder the checkpoint was made for"
         )
+    if head:  # a reward model checkpoint (HFCheckpointer maps score.weight to head.weight)
+        if set(head) != {"weight"} or tuple(head["weight"].shape) != (1, model.embed_dim):
+            raise ValueError(f"checkpoint head {sorted(head)} does not fit a bias-free head D={model.embed_dim} -> 1")
+        with torch.no_grad():
+            model.head.weight.copy_(head["weight"])
+        report.head_loaded = True
     report.adapter_keys_initialised = sorted(k for k in missing if k in adapters)
     report.loaded = len(sd)
     if report.dropped:
@@ -340,23 +352,33 @@ def load_from_checkpointer(
     return report
 
 
-HEAD_KEYS = ("head.weight", "head.bias")
+HEAD_KEYS = ("head.weight",)
 
 
 def head_state_dict(model: RewardModel) -> dict[str, torch.Tensor]:
-    """``{"head.weight": [1, D], "head.bias": [1]}`` (detached, CPU)."""
+    """``{"head.weight": [1, D]}`` (detached, CPU)."""
     return {f"head.{k}": v.detach().cpu() for k, v in model.head.state_dict().items()}
 
 
-def write_head(path: str | os.PathLike, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """Writes a reward head file: ``head.weight [1, D]`` and ``head.bias [1]`` (the
-    :class:`RewardModel` state-dict keys), as safetensors for a ``.safetensors`` path, a torch
-    file otherwise, atomically. The one writer of head files: the recipe's
-    ``reward_head.safetensors``, :func:`save_head` and the decomposed heads use it."""
+def _check_zero_bias(bias: Optional[torch.Tensor], where: str) -> None:
+    if bias is not None and bool(torch.count_nonzero(bias.detach().float())):
+        raise ValueError(
+            f"{where} has a non-zero bias ({bias.detach().float().reshape(-1)[:1].item():.6g}): "
+            "fastrm reward heads have no bias (as HF's score); a bias adds the same constant to "
+            "every reward and cancels in every comparison. Drop it (or fold it into your reward "
+            "normalization) and save the weight alone")
+
+
+def write_head(path: str | os.PathLike, weight: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> None:
+    """Writes a reward head file: ``head.weight [1, D]`` (the :class:`RewardModel` state-dict
+    key), as safetensors for a ``.safetensors`` path, a torch file otherwise, atomically.
+    ``bias`` must be None or zero (heads are bias-free). The one writer of head files:
+    :func:`save_head` and the decomposed heads use it."""
     from fastrm._io import atomic_path
 
-    sd = {"head.weight": weight.detach().reshape(1, -1).cpu().contiguous(),
-          "head.bias": bias.detach().reshape(1).cpu().contiguous()}
+    _check_zero_bias(bias, "the head to write")
+    sd = {"head.weight": weight.detach().reshape(1, -1).cpu().contiguous()}
     with atomic_path(path) as tmp:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import save_file
@@ -367,28 +389,38 @@ def write_head(path: str | os.PathLike, weight: torch.Tensor, bias: torch.Tensor
 
 
 def read_head(path: str | os.PathLike, embed_dim: int) -> dict[str, torch.Tensor]:
-    """Reads a head file written by :func:`write_head` into ``{"weight": [1, D], "bias":
-    [1]}`` (an ``nn.Linear(D, 1)`` state dict), checking its keys and shapes against
-    ``embed_dim``. Files with the keys un-prefixed (``weight`` / ``bias``, written by fastrm
-    before the prefix) load too."""
+    """Reads a reward head into ``{"weight": [1, D]}`` (a bias-free ``nn.Linear(D, 1)`` state
+    dict), checking its shape against ``embed_dim``. Accepts a file written by
+    :func:`write_head`; older head files with a ``head.bias`` (or un-prefixed ``weight`` /
+    ``bias``) when that bias is zero; and an HF reward model directory (or its safetensors
+    file), whose ``score.weight`` is the head."""
     path = str(path)
     if not os.path.exists(path):
         raise ValueError(f"head checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
+    if os.path.isdir(path):
+        from fastrm.hf.load import load_hf_state_dict
+
+        sd = load_hf_state_dict(path)
+    elif path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         sd = load_file(path)
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
+    if "score.weight" in sd:  # an HF *ForSequenceClassification checkpoint
+        sd = {k[len("score."):]: v for k, v in sd.items() if k.startswith("score.")}
     sd = {k[len("head."):] if k.startswith("head.") else k: v for k, v in sd.items()}
-    if set(sd) != {"weight", "bias"}:
+    if set(sd) not in ({"weight"}, {"weight", "bias"}):
         raise ValueError(
-            f"head checkpoint {path!r} must hold exactly head.weight and head.bias, got {sorted(sd)}"
+            f"head checkpoint {path!r} must hold head.weight (or an HF score.weight), got {sorted(sd)[:6]}"
         )
-    for name, shape in (("weight", (1, embed_dim)), ("bias", (1,))):
-        if tuple(sd[name].shape) != shape:
-            raise ValueError(f"head.{name} in {path!r} has shape {tuple(sd[name].shape)}, "
-                             f"expected {shape} (a head for a model with D={embed_dim})")
+    if "bias" in sd:
+        if sd["bias"].numel() != 1:
+            raise ValueError(f"head.bias in {path!r} has shape {tuple(sd['bias'].shape)}, expected (1,)")
+        _check_zero_bias(sd.pop("bias"), f"head checkpoint {path!r}")
+    if tuple(sd["weight"].shape) != (1, embed_dim):
+        raise ValueError(f"head.weight in {path!r} has shape {tuple(sd['weight'].shape)}, "
+                         f"expected {(1, embed_dim)} (a head for a model with D={embed_dim})")
     return sd
 
 
@@ -398,6 +430,9 @@ def save_head(model: RewardModel, path: str) -> None:
 
 
 def load_head(model: RewardModel, path: str) -> None:
-    """Loads a head file (:func:`read_head`: keys and shapes checked) into ``model.head``,
-    cast to the head's dtype."""
-    model.head.load_state_dict(read_head(path, model.embed_dim))
+    """Loads a head (:func:`read_head`: shape checked) into ``model.head``, cast to the head's
+    dtype."""
+    sd = read_head(path, model.embed_dim)
+    if model.head.bias is not None:  # a custom head with a bias: the file's bias is zero
+        sd["bias"] = torch.zeros_like(model.head.bias)
+    model.head.load_state_dict(sd)

@@ -14,12 +14,13 @@ comparisons; to make several ranks and gradient accumulation compute exactly the
 each micro-step backpropagates ``loss * n_local`` and the gradients are scaled by
 ``world_size / n_global`` before the optimizer step (as torchtune does with token counts).
 
-Checkpoints (``output_dir/step_N`` or ``epoch_N``, see :mod:`fastrm.training.checkpoint`): the
-backbone in the checkpointer's format (HF safetensors for ``FullModelHFCheckpointer``),
-``reward_head.safetensors`` (``head.weight [1, D]``, ``head.bias [1]``), ``reward_stats.json``
-(mean/std of rewards on the validation set, for reward normalization), ``recipe_state.pt``
-(trainable parameters, optimizer, scheduler, data position) and each rank's RNG state, for exact
-resume with ``resume_from_checkpoint=True``.
+Checkpoints (``output_dir/step_N`` or ``epoch_N``, see :mod:`fastrm.training.checkpoint`),
+written to a temporary directory and renamed when complete: a standard HF reward model when the
+base model is an HF directory (``<Family>ForSequenceClassification``, ``score.weight``, the
+tokenizer files; loads in transformers, TRL, OpenRLHF, vLLM, and :func:`fastrm.load_reward_model`),
+``reward_stats.json`` (mean/std of rewards on the validation set, for reward normalization),
+``recipe_state.pt`` (trainable parameters, optimizer, scheduler, data position) and each rank's
+RNG state, for exact resume with ``resume_from_checkpoint=True``.
 
 The pieces (config checks, distributed set-up, model building and sharding, data, metrics,
 evaluation, checkpoint I/O) live in :mod:`fastrm.training`; this file is the loop.
@@ -122,6 +123,9 @@ class RewardModelRecipe:
             model, self.checkpointer = build_model(cfg, self.device, self.dtype, seed=self.seed)
             self.step_module = RewardModelStep(model, self.loss_fn)
         self.model = self.step_module.model
+        # the save format and its conversion, checked on the real keys before any training
+        self.model_writer = ckpt_io.ModelWriter(cfg, self.checkpointer, self.tokenizer)
+        self.model_writer.check(self.model)
         training.set_seed(seed=self.seed)
 
         params = [p for p in self.step_module.parameters() if p.requires_grad]
@@ -254,20 +258,25 @@ class RewardModelRecipe:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, tag: str, epoch_done: bool) -> Path:
-        """Writes backbone (checkpointer format), reward head, reward statistics, the recipe
-        state and every rank's RNG state to ``output_dir/tag``; then ``output_dir/latest``
-        points at it (so ``latest`` is always a complete checkpoint)."""
+        """Writes the reward model (:class:`~fastrm.training.checkpoint.ModelWriter`: an HF
+        reward model when the base was an HF directory), reward statistics, the recipe state and
+        every rank's RNG state into ``output_dir/.tag.partial``, renames it to ``output_dir/tag``
+        once complete, then points ``output_dir/latest`` at it: a failure on the way leaves the
+        previous checkpoint and ``latest`` untouched."""
+        from fastrm._io import commit_dir, partial_dir
+
         out = self.output_dir / tag
         model_sd = ckpt_io.full_state_dict(self.step_module.model, self.is_rank_zero)
+        tmp = out.with_name(f".{tag}.partial")
         if self.is_rank_zero:
-            out.mkdir(parents=True, exist_ok=True)
-            ckpt_io.save_head(out, model_sd)
-            backbone = {k[len("decoder."):]: v for k, v in model_sd.items() if k.startswith("decoder.")}
-            ckpt_io.save_backbone(self.cfg, self.checkpointer, backbone, out)
-            ckpt_io.save_reward_stats(out, getattr(self, "last_eval", {}), self.global_step)
+            partial_dir(out)
+            stats = getattr(self, "last_eval", {})
+            self.model_writer.write(tmp, model_sd, stats)
+            ckpt_io.save_reward_stats(tmp, stats, self.global_step)
         del model_sd
-        self._save_training_state(out, epoch_done)
+        self._save_training_state(tmp, epoch_done)
         if self.is_rank_zero:
+            commit_dir(tmp, out)
             ckpt_io.point_latest(self.output_dir, tag)
             log.info(f"saved checkpoint to {out}")
         return out

@@ -1,46 +1,43 @@
-"""Checkpoint I/O of a recipe run, every file written atomically.
+"""Checkpoint I/O of a recipe run.
 
-``output_dir/<tag>/`` holds
+``output_dir/<tag>/`` is built in ``output_dir/.<tag>.partial/`` and renamed into place when
+every file is written (:func:`fastrm._io.commit_dir`); ``output_dir/latest`` moves to it last.
+A failure while saving leaves the previous checkpoint, its training state and ``latest`` as
+they were. It holds
 
-* the backbone as the base checkpoint was given: HF safetensors + the base checkpoint's config
-  and tokenizer files for torchtune's ``FullModelHFCheckpointer`` (LoRA adapters merged),
-  ``backbone.pt`` (torchtune names) otherwise;
-* ``reward_head.safetensors``: ``head.weight [1, D]``, ``head.bias [1]``
-  (:func:`fastrm.models.reward_model.write_head`, the one head-file format; the recipe's
-  ``head_checkpoint`` reads it back with the shape check);
-* ``reward_stats.json``: reward mean/std on the validation split, to normalize rewards;
-* ``recipe_state.pt``: trainable weights, optimizer, scheduler, data position, history;
-* ``rng_rank<r>.pt``: each rank's torch / CUDA / numpy / python RNG states.
-
-``output_dir/latest`` links to the newest tag.
+* the reward model (:class:`ModelWriter`, LoRA adapters merged): when the base model came from
+  an HF directory (the checkpointer's ``checkpoint_dir`` has a ``config.json``), a standard HF
+  reward model (:mod:`fastrm.hf.export`: ``config.json`` with
+  ``<Family>ForSequenceClassification``, ``model.safetensors`` with ``score.weight``, the
+  tokenizer files); otherwise ``reward_model.safetensors`` (fastrm's ``decoder.*`` /
+  ``head.weight`` keys);
+* ``reward_stats.json``: reward mean/std on the validation split, to normalize rewards (also in
+  ``config.json`` as OpenRLHF's ``mean`` / ``std``);
+* ``training_state/``: the resumable state, sharded with torch.distributed.checkpoint
+  (:mod:`fastrm.training.training_state`: trainable shards, optimizer, RNG per rank, data
+  position, history).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
-
-from torchtune import training
 
 from fastrm._io import atomic_path, atomic_symlink
 
-HEAD_FILE = "reward_head.safetensors"
 STATS_FILE = "reward_stats.json"
-RECIPE_STATE_FILE = "recipe_state.pt"
 
 
-# ---------------------------------------------------------------------- gather / scatter
+# ---------------------------------------------------------------------- gather
 def full_state_dict(model: nn.Module, is_rank_zero: bool) -> dict[str, torch.Tensor]:
     """Full CPU state dict (gathered from shards under FSDP one tensor at a time,
     :func:`~fastrm.training.distributed.iter_full_tensors`); empty on ranks > 0."""
@@ -49,41 +46,81 @@ def full_state_dict(model: nn.Module, is_rank_zero: bool) -> dict[str, torch.Ten
     return {k: v for k, v in iter_full_tensors(model, is_rank_zero) if v is not None}
 
 
-def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer,
-                              is_rank_zero: bool) -> dict:
-    if dist.is_initialized():
-        return training.get_full_optimizer_state_dict(module, optimizer, is_rank_zero)
-    return optimizer.state_dict()
-
-
-def load_trainable_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Loads the saved trainable parameters (the frozen rest comes from the base checkpoint)."""
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True,
-                                                                 broadcast_from_rank0=False,
-                                                                 strict=False))
-        return
-    missing = set(sd) - set(model.state_dict())
-    if missing:
-        raise KeyError(f"checkpoint has parameters the model lacks: {sorted(missing)[:5]}")
-    model.load_state_dict(sd, strict=False)
-
-
-def load_optimizer_state(module: nn.Module, optimizer, sd: dict, device: torch.device) -> None:
-    if dist.is_initialized():
-        training.load_from_full_optimizer_state_dict(module, optimizer, sd, device)
-    else:
-        optimizer.load_state_dict(sd)
-
-
 # ---------------------------------------------------------------------- files
-def save_head(out: Path, model_sd: dict[str, torch.Tensor]) -> None:
-    """``out/reward_head.safetensors`` from a full :class:`RewardModel` state dict."""
-    from fastrm.models.reward_model import write_head
+MODEL_FILE = "reward_model.safetensors"
 
-    write_head(out / HEAD_FILE, model_sd["head.weight"], model_sd["head.bias"])
+
+class ModelWriter:
+    """Writes the reward model of a run into a checkpoint directory, in the format decided once
+    at ``setup()`` from the config (see the module docstring).
+
+    Args:
+        cfg: the run's config.
+        checkpointer: the run's checkpointer (or None); its ``_checkpoint_dir`` locates the base
+            HF directory.
+        tokenizer: the run's tokenizer; an :class:`~fastrm.models.tokenizer.HFChatTokenizer`
+            is exported as it was used, any other tokenizer is replaced by the base directory's.
+    """
+
+    def __init__(self, cfg: DictConfig, checkpointer: Any, tokenizer: Any) -> None:
+        self.lora_rank: Optional[int] = None  # from the model's LoRA layers (check())
+        self.lora_alpha: Optional[float] = None
+        self.hf_config: Optional[dict] = None
+        self.tokenizer = None
+        self.generation_config: Optional[Path] = None
+        src = getattr(checkpointer, "_checkpoint_dir", None)
+        if src is None or not (Path(src) / "config.json").is_file():
+            return
+        from fastrm.hf.families import family_for, read_config
+        from fastrm.models.tokenizer import HFChatTokenizer
+
+        src = Path(src)
+        self.hf_config = read_config(src)
+        family_for(self.hf_config)  # an unsupported family fails here, before training
+        if isinstance(tokenizer, HFChatTokenizer):
+            self.tokenizer = tokenizer
+        elif (src / "tokenizer.json").is_file():
+            self.tokenizer = HFChatTokenizer(src)
+        else:
+            raise ValueError(f"the base model {src} is an HF directory without tokenizer.json and the "
+                             "run's tokenizer is not an HF tokenizer: an exported reward model needs "
+                             "its tokenizer files; use fastrm.models.tokenizer.hf_tokenizer")
+        self.generation_config = src / "generation_config.json"
+
+    @property
+    def hf(self) -> bool:
+        return self.hf_config is not None
+
+    def check(self, model: nn.Module) -> None:
+        """Everything a save needs, checked on the model's real state-dict keys and shapes (no
+        copies): the family's conversion round trip against transformers' class, and a pad
+        token for the tokenizer. LoRA rank / alpha are read from the adapted layers here.
+        Raises ValueError before any training."""
+        model_sd = {n.replace("._checkpoint_wrapped_module", ""): v for n, v in model.state_dict().items()}
+        for m in model.modules():
+            if "lora_a" in dict(m.named_children()) and hasattr(m, "rank") and hasattr(m, "alpha"):
+                self.lora_rank, self.lora_alpha = int(m.rank), float(m.alpha)
+                break
+        if not self.hf:
+            return
+        from fastrm.hf.export import choose_pad_token
+        from fastrm.hf.families import check_conversion
+
+        check_conversion(model_sd, self.hf_config)
+        choose_pad_token(self.tokenizer)
+
+    def write(self, out: Path, model_sd: dict[str, torch.Tensor], stats: dict[str, Any]) -> None:
+        """The reward model files into the folder ``out`` (the caller makes the folder atomic)."""
+        from fastrm.hf.export import merge_lora, write_hf_directory
+
+        sd = merge_lora(model_sd, self.lora_rank, self.lora_alpha)
+        if not self.hf:
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(out / MODEL_FILE),
+                      metadata={"format": "pt"})
+            return
+        write_hf_directory(out, sd, self.hf_config, self.tokenizer,
+                           reward_mean=stats.get("reward_mean"), reward_std=stats.get("reward_std"),
+                           generation_config=self.generation_config)
 
 
 def save_reward_stats(out: Path, stats: dict[str, Any], step: int) -> None:
@@ -93,66 +130,6 @@ def save_reward_stats(out: Path, stats: dict[str, Any], step: int) -> None:
             "val_accuracy": stats.get("accuracy"), "step": step,
             "note": "normalize rewards as (r - reward_mean) / reward_std",
         }, indent=2))
-
-
-def save_backbone(cfg: DictConfig, checkpointer: Any, backbone_sd: dict[str, torch.Tensor],
-                  out: Path) -> None:
-    """Saves the backbone so users load it back the way they loaded the base model: HF
-    safetensors + the base checkpoint's config/tokenizer files for an HF checkpointer (LoRA
-    adapters merged), torchtune's format otherwise."""
-    if any("lora_" in k for k in backbone_sd):
-        from torchtune.modules.peft import get_merged_lora_ckpt
-
-        backbone_sd = get_merged_lora_ckpt(dict(backbone_sd), rank=int(cfg.model.lora_rank),
-                                           alpha=float(cfg.model.lora_alpha))
-    from torchtune.training import FullModelHFCheckpointer
-
-    if not isinstance(checkpointer, FullModelHFCheckpointer):
-        with atomic_path(out / "backbone.pt") as tmp:
-            torch.save(backbone_sd, tmp)
-        return
-    from torchtune.models import convert_weights
-
-    src = Path(checkpointer._checkpoint_dir)
-    hf_cfg = json.loads((src / "config.json").read_text())
-    hf_sd = convert_weights.tune_to_hf(
-        backbone_sd, num_heads=hf_cfg["num_attention_heads"],
-        num_kv_heads=hf_cfg["num_key_value_heads"], dim=hf_cfg["hidden_size"],
-        head_dim=hf_cfg.get("head_dim"))
-    hf_sd.pop("lm_head.weight", None)
-    if not hf_cfg.get("tie_word_embeddings", False):
-        # the reward model dropped the LM head; keep the file loadable as a causal LM
-        base = load_base_lm_head(src)
-        if base is not None:
-            hf_sd["lm_head.weight"] = base
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp), metadata={"format": "pt"})
-    for name in ("config.json", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            with atomic_path(out / name) as tmp:
-                shutil.copy(src / name, tmp)
-
-
-def load_base_lm_head(src: Path) -> Optional[torch.Tensor]:
-    for f in sorted(src.glob("*.safetensors")):
-        sd = load_file(str(f))
-        if "lm_head.weight" in sd:
-            return sd["lm_head.weight"]
-    return None
-
-
-def save_recipe_state(out: Path, state: dict[str, Any]) -> None:
-    with atomic_path(out / RECIPE_STATE_FILE) as tmp:
-        torch.save(state, tmp)
-
-
-def load_recipe_state(ckpt: Path) -> dict[str, Any]:
-    if not (ckpt / RECIPE_STATE_FILE).exists():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint=True but {ckpt}/{RECIPE_STATE_FILE} does not exist; run "
-            f"without resuming first, or point output_dir at the run to resume")
-    return torch.load(ckpt / RECIPE_STATE_FILE, map_location="cpu", weights_only=False)
 
 
 def point_latest(output_dir: Path, tag: str) -> None:
@@ -185,10 +162,3 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
                       "the uninterrupted one exactly", stacklevel=2)
 
 
-def save_rng_state(out: Path, rank: int, device: torch.device) -> None:
-    with atomic_path(out / f"rng_rank{rank}.pt") as tmp:
-        torch.save(rng_state(device), tmp)
-
-
-def load_rng_state(ckpt: Path, rank: int, device: torch.device) -> None:
-    set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False), device)

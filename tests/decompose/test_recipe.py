@@ -43,8 +43,8 @@ def test_cli_synthetic_recovers_planted_truth(tmp_path, capsys):
         assert a["accuracy_mean"] > a["first_head_accuracy"] + 0.15
     # head_<i>.safetensors is the training recipe's head_checkpoint format
     h2 = load_file(str(out / "heads" / "head_2.safetensors"))
-    assert set(h2) == {"head.weight", "head.bias"}
-    assert h2["head.weight"].shape == (1, 64) and h2["head.bias"].shape == (1,)
+    assert set(h2) == {"head.weight"}  # bias-free, as HF's score
+    assert h2["head.weight"].shape == (1, 64)
     torch.testing.assert_close(h2["head.weight"][0], heads.weight[2])
 
 

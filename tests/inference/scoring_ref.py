@@ -17,7 +17,6 @@ def tiny_model(vocab_size: int, seed: int = 0, max_seq_len: int = 1024, fused_op
     with torch.no_grad():  # a head that separates responses (the default init is tiny)
         torch.manual_seed(seed)
         m.head.weight.normal_(0, 1.0)
-        m.head.bias.fill_(0.3)
     return m.eval()
 
 

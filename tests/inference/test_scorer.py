@@ -103,3 +103,25 @@ def test_too_long_rows_are_errors_naming_the_row(byte_model, byte_tok):
     long_ok = RewardScorer(byte_model, byte_tok, batch_tokens=4096)  # model max_seq_len=1024
     with pytest.raises(ValueError, match="more than the model's max_seq_len=1024"):
         long_ok.score([{"prompt": "x" * 1100, "response": "a"}])
+
+
+def test_rendered_texts_share_prompts_and_equal_conversations(chatml_model, chatml_tok):
+    """OpenRLHF queries: rendered texts score as their conversations do; texts of one prompt
+    share it (computed once)."""
+    rng = random.Random(9)
+    convs = []
+    for _ in range(4):
+        prompt = [{"role": "user", "content": _text(rng, 20, 40)}]
+        convs += [prompt + [{"role": "assistant", "content": _text(rng, 0, 10)}] for _ in range(3)]
+    rng.shuffle(convs)
+    texts = [chatml_tok.render(c) for c in convs]
+    scorer = RewardScorer(chatml_model, chatml_tok)
+    groups, where = scorer.tokenize_texts(texts)
+    assert len(groups) == 4 and all(len(g.prompt_tokens) >= 16 for g in groups)
+    got = scorer.score_texts(texts)
+    assert scorer.stats["prompt_tokens_saved"] > 0
+    ref = reference_rewards(chatml_model, chatml_tok, convs)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                               torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="query 1 is a int"):
+        scorer.tokenize_texts(["a", 3])

@@ -214,15 +214,15 @@ def test_head_only_at_reward_positions():
     assert r.shape == (n,) and r.dtype == torch.float32
     with torch.no_grad():
         h = model(batch)
-        manual = h[batch.reward_positions] @ model.head.weight[0] + model.head.bias[0]
+        manual = h[batch.reward_positions] @ model.head.weight[0]
     torch.testing.assert_close(r.detach(), manual, rtol=1e-6, atol=1e-6)
 
 
 def test_lm_output_removed_and_state_dict_keys():
     model = _model()
     sd = model.state_dict()
-    assert "head.weight" in sd and "head.bias" in sd
-    assert sd["head.weight"].shape == (1, model.embed_dim) and sd["head.bias"].shape == (1,)
+    assert "head.weight" in sd and "head.bias" not in sd  # bias-free, as HF's score
+    assert sd["head.weight"].shape == (1, model.embed_dim)
     assert not any(k.startswith("decoder.output") for k in sd)
     assert isinstance(model.decoder.output, torch.nn.Identity)
 

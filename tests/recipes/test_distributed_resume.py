@@ -37,6 +37,8 @@ def cfg_for(tmp_path: Path, name: str, world: int, **overrides):
         "epochs": 2, "max_steps_per_epoch": 3, "save_every_n_steps": 2,
         "fsdp_reshard_after_forward": False, "num_threads": 1,
         "checkpointer": ckpt or json.loads((tmp_path / "ckpt.json").read_text()),
+        # the checkpoint's own (byte-level) tokenizer: the run exports an HF reward model
+        "tokenizer": {"_component_": "fastrm.models.tokenizer.hf_tokenizer", "path": str(base)},
     }
     if ckpt is not None:
         (tmp_path / "ckpt.json").write_text(json.dumps(ckpt))

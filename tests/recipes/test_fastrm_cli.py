@@ -47,7 +47,7 @@ def test_train_two_processes_from_any_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2]
-    assert (out / "latest" / "reward_head.safetensors").exists()
+    assert (out / "latest" / "reward_model.safetensors").exists()
 
 
 def _train_args(*argv):
