@@ -3,6 +3,7 @@ trains, bind the head to the loss in one step module, shard it with FSDP2."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -177,16 +178,25 @@ def build_sharded_step_module(cfg: DictConfig, loss_fn: RewardLoss, device: torc
             full_sd = {k: v for k, v in cpu_model.state_dict().items()}
             del cpu_model
         else:
-            base = checkpointer.load_checkpoint()[training.MODEL_KEY]
-            load_base_weights(model, base)  # on meta: checks names and shapes, copies nothing
-            full_sd = {f"decoder.{k}": v for k, v in base.items() if k not in LM_HEAD_KEYS}
-            del base
-            utils.log_rank_zero(log, f"rank 0 read {len(full_sd)} backbone tensors from "
-                                     f"{getattr(checkpointer, '_checkpoint_dir', '?')}")
             path = head_file(cfg)
-            full_sd.update(fresh_parameters(model, seed, head=path is None))
+            # the same order as build_model: fresh head / adapters, then the checkpoint (whose
+            # head.weight, from a reward-model base, wins), then the head file
+            full_sd = fresh_parameters(model, seed, head=path is None)
+            base = checkpointer.load_checkpoint()[training.MODEL_KEY]
+            with warnings.catch_warnings():  # on meta: checks names and shapes, copies nothing
+                warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+                load_base_weights(model, base)
+            for k, v in base.items():
+                name = k[len("decoder."):] if k.startswith("decoder.") else k
+                if name not in LM_HEAD_KEYS:
+                    full_sd[name if name.startswith("head.") else f"decoder.{name}"] = v
+            del base
+            utils.log_rank_zero(log, f"rank 0 read {len(full_sd)} tensors from "
+                                     f"{getattr(checkpointer, '_checkpoint_dir', '?')}")
             if path is not None:
                 full_sd.update({f"head.{k}": v for k, v in read_head(path, model.embed_dim).items()})
+            if getattr(model.head, "bias", None) is not None:  # a custom head: files have no bias
+                full_sd.setdefault("head.bias", torch.zeros(model.head.bias.shape))
     configure_model(model, cfg)
     step_module = RewardModelStep(model, loss_fn)
     shard(step_module, device, world_size, reshard_after_forward)

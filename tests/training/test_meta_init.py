@@ -27,7 +27,7 @@ ARCH = dict(vocab_size=261, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim
 SEED = 7
 
 
-def lora_cfg(tmp_path: Path, head_checkpoint=None):
+def lora_cfg(tmp_path: Path):
     ckpt = write_random_llama_checkpoint(tmp_path / "base", seed=3, layers_per_file=1, **ARCH)
     cfg = {
         "model": {"_component_": "fastrm.models.lora_reward_model",
@@ -36,8 +36,6 @@ def lora_cfg(tmp_path: Path, head_checkpoint=None):
                   **ARCH},
         "checkpointer": ckpt,
     }
-    if head_checkpoint is not None:
-        cfg["head_checkpoint"] = str(head_checkpoint)
     return OmegaConf.create(cfg)
 
 
@@ -154,3 +152,36 @@ def test_random_checkpoint_loads_in_transformers(tmp_path):
     w = load_file(str(tmp_path / index["weight_map"]["model.layers.1.self_attn.k_proj.weight"]))
     torch.testing.assert_close(sd["model.layers.1.self_attn.k_proj.weight"],
                                w["model.layers.1.self_attn.k_proj.weight"])
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_meta_path_takes_the_head_of_a_reward_model_base_and_of_a_head_file(tmp_path, one_rank_group):
+    """A base that is an HF reward model (fastrm.hf.HFCheckpointer maps score.weight to the
+    head) gives its head; a head_checkpoint file given as well wins, as on the plain path."""
+    from fastrm.hf.export import export_reward_model
+    from fastrm.models import tiny_llama3_reward_model
+    from fastrm.models.reward_model import write_head
+
+    base = tmp_path / "base"
+    write_random_llama_checkpoint(base, seed=3, layers_per_file=1, **ARCH)
+    torch.manual_seed(5)
+    trained = tiny_llama3_reward_model(**ARCH)
+    export_reward_model(tmp_path / "rm", trained, config=base, tokenizer=base)
+    model_cfg = {"_component_": "fastrm.models.tiny_llama3_reward_model", **ARCH}
+    cfg = OmegaConf.create({"model": model_cfg, "checkpointer": {
+        "_component_": "fastrm.hf.HFCheckpointer", "checkpoint_dir": str(tmp_path / "rm")}})
+    step, _ = build_sharded_step_module(cfg, RewardLoss(), torch.device("cpu"), torch.float32, 1, 0, SEED)
+    got = {k: v.full_tensor() for k, v in step.model.state_dict().items() if hasattr(v, "full_tensor")}
+    for k, v in trained.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+    head = torch.randn(1, 64)
+    write_head(tmp_path / "head.safetensors", head)
+    cfg.head_checkpoint = str(tmp_path / "head.safetensors")
+    step, _ = build_sharded_step_module(cfg, RewardLoss(), torch.device("cpu"), torch.float32, 1, 0, SEED)
+    torch.testing.assert_close(step.model.head.weight.full_tensor(), head, rtol=0, atol=0)
