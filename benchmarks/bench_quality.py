@@ -211,6 +211,7 @@ class Suite:
     held_out: dict  # name -> builder kwargs (plus max_groups)
     seq_len: int    # per sequence (prompts cut from the left)
     row_len: int    # tokens per packed row
+    steps: int      # optimizer steps per run (one row per step)
     needs_shared_data: bool = False
 
 
@@ -263,44 +264,46 @@ NOT_APPLICABLE = {
 class Mode:
     base_config: str
     seeds: int
-    steps: int
     warmup: int
     trainable_layers: Optional[int]
     suites: dict
 
 
 def _suites(full: bool) -> dict[str, Suite]:
-    syn = {"num_prompts": 3000 if full else 200, "seed": 0, "length_scale": 0.4 if full else 0.3,
+    syn = {"num_prompts": 3000 if full else 200, "seed": 0, "length_scale": 0.25 if full else 0.3,
            "progress": False}
-    n_eval = 48 if full else 8
+    n_eval = 96 if full else 8
     return {
         "qa_feedback": Suite(
             "qa_feedback", QA, {"split": "train", "progress": False},
             {"validation": {"split": "validation", "group_by_prompt": True, "progress": False,
-                            "max_groups": 16 if full else 4}},
-            seq_len=192 if full else 768, row_len=768 if full else 3072, needs_shared_data=True),
+                            "max_groups": 32 if full else 4}},
+            seq_len=192 if full else 768, row_len=768 if full else 3072, steps=6 if full else 2,
+            needs_shared_data=True),
         "synthetic": Suite(
             "synthetic", SYN, {**syn, "split": "train"},
             {"validation": {**syn, "split": "validation", "max_groups": n_eval},
              "held_out": {**syn, "split": "test", "max_groups": n_eval}},
-            seq_len=160 if full else 384, row_len=512 if full else 1024),
+            seq_len=128 if full else 384, row_len=512 if full else 1024,
+            steps=10 if full else 2),
         "synthetic_k4": Suite(
             "synthetic_k4", SYN,
             {**syn, "split": "train", "responses_per_prompt": 4, "with_margin": False,
              "complete_rankings_only": True},
             {"validation": {**syn, "split": "validation", "responses_per_prompt": 4,
                             "with_margin": False, "complete_rankings_only": True,
-                            "max_groups": n_eval // 2},
+                            "max_groups": n_eval * 5 // 12},
              "held_out": {**syn, "split": "test", "responses_per_prompt": 4, "with_margin": False,
-                          "complete_rankings_only": True, "max_groups": n_eval // 2}},
-            seq_len=160 if full else 384, row_len=512 if full else 1024),
+                          "complete_rankings_only": True, "max_groups": n_eval * 5 // 12}},
+            seq_len=128 if full else 384, row_len=512 if full else 1024,
+            steps=10 if full else 2),
     }
 
 
 MODES = {
-    "full": Mode("smollm2_135m_synthetic.yaml", seeds=3, steps=16, warmup=2, trainable_layers=2,
+    "full": Mode("smollm2_135m_synthetic.yaml", seeds=3, warmup=2, trainable_layers=2,
                  suites=_suites(True)),
-    "quick": Mode("tiny_llama3_synthetic.yaml", seeds=1, steps=2, warmup=1, trainable_layers=1,
+    "quick": Mode("tiny_llama3_synthetic.yaml", seeds=1, warmup=1, trainable_layers=1,
                   suites=_suites(False)),
 }
 
@@ -319,6 +322,7 @@ def run_config(base, mode: Mode, suite: Suite, setting: Setting, seed: int, outp
     cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=True))  # paths resolved first
     cfg.output_dir = output_dir
     cfg.seed = seed
+    cfg.dtype = "fp32"              # same numerics on every machine (the configs say "auto")
     cfg.prepare_checkpoint = None   # done once by main(), not hashed again per run
     cfg.dataset = _dataset_section(suite, {**suite.train, **setting.data})
     cfg.validation_dataset = None   # held-out scoring happens after training, below
@@ -447,6 +451,7 @@ def train_and_score(cfg, held_out: dict[str, HeldOutScorer]) -> dict[str, Any]:
     """Sets up and trains the shipped recipe on ``cfg``; scores every held-out set."""
     from fastrm.recipes.reward_model import RewardModelRecipe
 
+    t_setup = time.perf_counter()
     recipe = RewardModelRecipe(cfg)
     recipe.setup(cfg)
     t0 = time.perf_counter()
@@ -460,7 +465,8 @@ def train_and_score(cfg, held_out: dict[str, HeldOutScorer]) -> dict[str, Any]:
     finally:
         recipe.cleanup()
     hist = recipe.history
-    return {"train_wall_s": wall, "score_wall_s": score_wall, "steps": len(hist),
+    return {"setup_wall_s": t0 - t_setup, "train_wall_s": wall, "score_wall_s": score_wall,
+            "steps": len(hist),
             "train_comparisons": int(sum(h["comparisons"] for h in hist)),
             "train_tokens": int(sum(h["tokens_per_second"] * h["step_time"] for h in hist)),
             "final_train_loss": hist[-1]["loss"] if hist else None,
@@ -516,7 +522,9 @@ def markdown(report: dict) -> str:
     cfg = report["config"]
     head = (f"# Loss options: held-out quality ({report['mode']} mode)\n\n"
             f"{common.machine_line(report['machine'])}\n\n"
-            f"Model: {cfg['model']}; {cfg['steps']} steps per run, seeds {cfg['seeds']}; "
+            f"Model: {cfg['model']} (last {cfg['trainable_last_n_layers']} layers + head train), "
+            f"fp32, lr {cfg['lr']}; optimizer steps per run: "
+            + ", ".join(f"{k} {v}" for k, v in cfg['steps'].items()) + f"; seeds {cfg['seeds']}; "
             f"intervals: mean ± t(0.975, n-1)·s/√n over seeds; ECE: top-label, {N_BINS} bins "
             "over [0.5, 1] of sigmoid(r_c - r_r).\n\n")
     skipped = "".join(f"\n- {k}: {v}" for k, v in report["not_applicable"].items())
@@ -574,7 +582,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--settings", default=None,
                    help="comma-separated setting names to run (default: all of each suite)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the mode's)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run (default: each suite's)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     p.add_argument("--name", default=None, help="output stem (default quality_<mode>)")
@@ -592,7 +601,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     common.set_threads(args.threads)
     mode = MODES[args.mode]
     seeds = list(range(args.seeds if args.seeds is not None else mode.seeds))
-    steps = args.steps if args.steps is not None else mode.steps
     names = args.suites.split(",") if args.suites else list(mode.suites)
     unknown = [n for n in names if n not in mode.suites]
     if unknown:
@@ -610,11 +618,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     # the recipe warns once per run that the synthetic pairs' margins go unused when
     # use_margin is off: that is the point of the comparison, not news
     warnings.filterwarnings("ignore", message="RewardLoss got a margin but use_margin=False")
+    t_held = time.perf_counter()
     held = {n: held_out_data(mode.suites[n], tokenizer) for n in names}
+    print(f"held-out sets tokenized in {time.perf_counter() - t_held:.1f}s", flush=True)
     report: dict[str, Any] = {
         "mode": args.mode, "machine": common.machine_info(args.threads),
         "config": {"base_config": mode.base_config, "model": str(base.model.get("decoder") or
-                   base.model._component_), "seeds": seeds, "steps": steps,
+                   base.model._component_), "seeds": seeds,
+                   "steps": {n: args.steps or mode.suites[n].steps for n in names},
                    "warmup": mode.warmup, "trainable_last_n_layers": mode.trainable_layers,
                    "lr": float(base.optimizer.lr),
                    "suites": {n: mode.suites[n].__dict__ for n in names},
@@ -633,6 +644,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         for i, (seed, s) in enumerate(tqdm(plan, desc="runs")):
             suite = mode.suites[s.suite]
+            steps = args.steps if args.steps is not None else suite.steps
             cfg = run_config(base, mode, suite, s, seed, f"{tmp}/{s.suite}_{s.name}_{seed}", steps)
             result = train_and_score(cfg, held[s.suite])
             report["runs"].append({"suite": s.suite, "setting": s.name, "seed": seed, **result})

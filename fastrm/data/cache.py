@@ -381,7 +381,7 @@ def encode_groups(data: Sequence[PreferenceGroup]) -> tuple[dict[str, np.ndarray
         has_labels.append(g.labels is not None)
         labels.extend(g.labels or [])
     arrays = {
-        "tokens": np.asarray(tokens, np.int64), "prompt_len": np.asarray(prompt_len, np.int64),
+        "tokens": np.asarray(tokens, np.int32 if max(tokens, default=0) < 2**31 else np.int64), "prompt_len": np.asarray(prompt_len, np.int64),
         "num_responses": np.asarray(n_resp, np.int64), "response_len": np.asarray(resp_len, np.int64),
         "num_comparisons": np.asarray(n_comp, np.int64), "comp_i": np.asarray(ci, np.int64),
         "comp_j": np.asarray(cj, np.int64), "comp_margin": np.asarray(cm, np.float64),
@@ -485,10 +485,12 @@ def _barrier(distributed: bool) -> None:
 
 
 class DataCache:
-    """A folder of prepared data (see the module docstring)."""
+    """A folder of prepared data (see the module docstring); ``logger`` receives what was read,
+    built or rebuilt (the recipe passes torchtune's, so it shows in the run's output)."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, logger: Optional[logging.Logger] = None) -> None:
         self.directory = Path(directory)
+        self.log = logger or log
 
     def path(self, name: str, key: str) -> Path:
         return self.directory / f"{name}-{key}{_SUFFIX}"
@@ -519,9 +521,9 @@ class DataCache:
                 arrays, meta = read_arrays(path, key, kind)
                 value = decode(arrays, meta)
             except CacheInvalid as e:
-                log.warning("data cache: %s is not usable (%s); rebuilding it", path, e)
+                self.log.warning("data cache: %s is not usable (%s); rebuilding it", path, e)
             else:
-                log.info("data cache: read %s (%.2f s)", path, time.perf_counter() - t0)
+                self.log.info("data cache: read %s (%.2f s)", path, time.perf_counter() - t0)
                 return value
         t0 = time.perf_counter()
         value = build()
@@ -530,9 +532,9 @@ class DataCache:
         try:
             write_arrays(path, key, kind, arrays, meta)
         except OSError as e:  # a read-only or full disk costs the cache, not the run
-            log.warning("data cache: could not write %s (%s); continuing without it", path, e)
+            self.log.warning("data cache: could not write %s (%s); continuing without it", path, e)
         else:
-            log.info("data cache: built %s in %.2f s -> %s", kind, built, path)
+            self.log.info("data cache: built %s in %.2f s -> %s", kind, built, path)
         return value
 
     def groups(self, name: str, key: str, build: Callable[[], Sequence[PreferenceGroup]]) -> Any:

@@ -213,6 +213,7 @@ class PackedPreferenceDataset(Dataset):
             prompt_tokens_saved=sum((len(g.responses) - 1) * len(g.prompt_tokens) for g in units
                                     if shares_prefix(g, self.prefix_sharing)))
         self.start_step = 0
+        self._plans: dict[int, tuple[list[list[np.ndarray]], int]] = {}  # epoch -> plan_epoch()
         self.set_epoch(epoch)
 
     def plan_epoch(self, epoch: int) -> tuple[list[list[np.ndarray]], int]:
@@ -261,8 +262,10 @@ class PackedPreferenceDataset(Dataset):
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Plans the steps of ``epoch``; ``start_step`` is where :meth:`dataloader` starts."""
         self.epoch = int(epoch)
-        plans = getattr(self, "_plans", {})
-        steps, self.num_rows = plans[self.epoch] if self.epoch in plans else self.plan_epoch(epoch)
+        if self.epoch in self._plans:
+            steps, self.num_rows = self._plans[self.epoch]
+        else:
+            steps, self.num_rows = self.plan_epoch(self.epoch)
         tokens = int(self.sizes.sum())
         self.epoch_fill_rate = tokens / max(1, self.num_rows * self.max_seq_len)
         usable = len(steps) - len(steps) % self.world_size if self.world_size > 1 else len(steps)

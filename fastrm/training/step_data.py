@@ -131,7 +131,7 @@ def build_step_data(cfg: DictConfig, section: str, tokenizer, world_size: int, r
         return config.instantiate(cfg[section], tokenizer=tokenizer)
 
     cache_dir = cache_dir_from_config(cfg)
-    cache = DataCache(cache_dir) if cache_dir is not None else None
+    cache = DataCache(cache_dir, utils.get_logger()) if cache_dir is not None else None
     builder = str(cfg[section]["_component_"]).rsplit(".", 1)[-1]
     key = None
     if cache is None:
