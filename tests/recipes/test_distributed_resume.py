@@ -90,6 +90,15 @@ def check_resume(tmp_path: Path, save_world: int, load_world: int) -> None:
     torch.testing.assert_close(loss(saver), loss(want), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss(got), loss(want), rtol=1e-4, atol=1e-5)
     assert loss(want)[-1] != loss(want)[0]
+    # the final HF reward models (gathered onto rank 0 one tensor at a time) agree too
+    from safetensors.torch import load_file
+
+    ref = load_file(str(tmp_path / "one" / "epoch_1" / "model.safetensors"))
+    for run_dir in ("saver", "resumed"):
+        got_sd = load_file(str(tmp_path / run_dir / "epoch_1" / "model.safetensors"))
+        assert set(got_sd) == set(ref) and "score.weight" in ref
+        for k, v in ref.items():
+            torch.testing.assert_close(got_sd[k], v, rtol=1e-4, atol=1e-5, msg=f"{run_dir}: {k}")
 
 
 def test_state_saved_on_two_ranks_resumes_on_one(tmp_path):

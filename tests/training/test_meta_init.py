@@ -154,13 +154,6 @@ def test_random_checkpoint_loads_in_transformers(tmp_path):
                                w["model.layers.1.self_attn.k_proj.weight"])
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_meta_path_takes_the_head_of_a_reward_model_base_and_of_a_head_file(tmp_path, one_rank_group):
     """A base that is an HF reward model (fastrm.hf.HFCheckpointer maps score.weight to the
     head) gives its head; a head_checkpoint file given as well wins, as on the plain path."""
