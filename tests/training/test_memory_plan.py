@@ -228,6 +228,10 @@ def test_shipped_big_configs_validate_without_weights():
         validate_config(cfg)
         assert OmegaConf.is_missing(cfg.checkpointer, "checkpoint_dir")  # the user supplies it
         assert OmegaConf.to_container(cfg.tokenizer)["path"] == "${checkpointer.checkpoint_dir}"
+        with pytest.raises(Exception, match="Missing mandatory value: checkpointer.checkpoint_dir"):
+            OmegaConf.to_container(cfg, resolve=True)  # what the recipe does first (log_config)
+        cfg.checkpointer.checkpoint_dir = "/models/x"
+        assert OmegaConf.to_container(cfg, resolve=True)["tokenizer"]["path"] == "/models/x"
 
 
 def test_plan_table_and_overrides(capsys):
