@@ -110,7 +110,10 @@ def test_export_loads_in_transformers_with_equal_rewards(family, exported):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loader_round_trips_the_export(family, exported):
+    import fastrm
+
     _, out, model = exported(family)
+    assert fastrm.load_reward_model is load_reward_model  # the top-level name
     loaded = load_reward_model(out)
     want = model.state_dict()
     got = loaded.model.state_dict()

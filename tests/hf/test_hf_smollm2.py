@@ -26,7 +26,8 @@ def test_smollm2_checkpoint_is_an_hf_reward_model(smollm2_dir, tmp_path):
                  "max_steps_per_epoch": 1, "dataset.num_prompts": 40, "validation_dataset.num_prompts": 20,
                  "test_dataset": None, "trainable.last_n_layers": 1, "packing.max_seq_len": 512,
                  "dataset.max_seq_len": 256, "validation_dataset.max_seq_len": 256, "num_threads": 2,
-                 "metric_logger._component_": "torchtune.training.metric_logging.DiskLogger"}.items():
+                 "metric_logger._component_": "torchtune.training.metric_logging.DiskLogger",
+                 "dtype": "fp32"}.items():  # the parity acceptance is in fp32
         OmegaConf.update(cfg, k, v, force_add=True)
     recipe = RewardModelRecipe(cfg)
     recipe.setup(cfg)
