@@ -254,6 +254,10 @@ SETTINGS = (
             what="listwise over the full ranking"),
 )
 
+#: the setting each suite's others are compared with, seed by seed (same seed: same head
+#: initialization and, for the same data layout, the same steps)
+REFERENCE = {"qa_feedback": "bt", "synthetic": "bt", "synthetic_k4": "independent_pairs"}
+
 #: settings the data cannot support, reported in the JSON rather than silently absent
 NOT_APPLICABLE = {
     ("qa_feedback", "margins"): "qa_feedback has binary preferences only (no scores, no margins)",
@@ -479,17 +483,19 @@ def train_and_score(cfg, held_out: dict[str, HeldOutScorer]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (suite, setting, held-out set): the 95% t-intervals over seeds."""
-    keyed: dict[tuple, list[dict]] = {}
+    """One row per (suite, setting, held-out set): 95% t-intervals over seeds, and the paired
+    accuracy difference to the suite's :data:`REFERENCE` setting (per seed, then over seeds)."""
+    keyed: dict[tuple, dict[int, dict]] = {}
     for r in runs:
         for ho, m in r["held_out"].items():
-            keyed.setdefault((r["suite"], r["setting"], ho), []).append({**m, **r})
+            keyed.setdefault((r["suite"], r["setting"], ho), {})[r["seed"]] = {**r, **m}
     order = {(s.suite, s.name): i for i, s in enumerate(SETTINGS)}
     rows = []
-    for (suite, setting, ho), rs in sorted(keyed.items(), key=lambda kv: (
+    for (suite, setting, ho), by_seed in sorted(keyed.items(), key=lambda kv: (
             kv[0][0], kv[0][2], order.get(kv[0][:2], 99))):
-        rows.append({
-            "suite": suite, "setting": setting, "held_out": ho, "seeds": [r["seed"] for r in rs],
+        rs = [by_seed[k] for k in sorted(by_seed)]
+        row = {
+            "suite": suite, "setting": setting, "held_out": ho, "seeds": sorted(by_seed),
             "accuracy": t_interval([r["accuracy"] for r in rs]),
             "ece": t_interval([r["ece"] for r in rs]),
             "reward_mean": t_interval([r["reward_mean"] for r in rs]),
@@ -497,7 +503,13 @@ def summarize(runs: list[dict]) -> list[dict]:
             "train_wall_s": t_interval([r["train_wall_s"] for r in rs]),
             "train_comparisons": t_interval([r["train_comparisons"] for r in rs]),
             "comparisons": rs[0]["comparisons"],
-        })
+            "reference": REFERENCE.get(suite), "accuracy_vs_reference": None,
+        }
+        ref = keyed.get((suite, REFERENCE.get(suite), ho), {})
+        paired = [by_seed[k]["accuracy"] - ref[k]["accuracy"] for k in sorted(by_seed) if k in ref]
+        if paired and setting != REFERENCE.get(suite):
+            row["accuracy_vs_reference"] = t_interval(paired)
+        rows.append(row)
     return rows
 
 
@@ -514,9 +526,12 @@ def markdown(report: dict) -> str:
         "ece": _ci(r["ece"]), "mean": _ci(r["reward_mean"], "{:+.2f}"),
         "std": _ci(r["reward_std"], "{:.2f}"), "wall": f"{r['train_wall_s']['mean']:.1f}",
         "comp": f"{r['train_comparisons']['mean']:.0f}",
+        "delta": (_ci(r["accuracy_vs_reference"], "{:+.3f}") if r.get("accuracy_vs_reference")
+                  else "(reference)" if r["setting"] == r.get("reference") else ""),
     } for r in report["summary"]]
     cols = [("suite", "suite"), ("held_out", "held out (comparisons)"), ("setting", "setting"),
-            ("n", "seeds"), ("acc", "accuracy (95% CI)"), ("ece", "ECE"),
+            ("n", "seeds"), ("acc", "accuracy (95% CI)"),
+            ("delta", "Δ accuracy vs reference, paired by seed"), ("ece", "ECE"),
             ("mean", "reward mean"), ("std", "reward std"), ("wall", "train s"),
             ("comp", "comparisons trained")]
     cfg = report["config"]
@@ -560,9 +575,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(report: dict, out_dir: Path, stem: str, figure: bool) -> None:
+def write_report(report: dict, out_dir: Path, stem: str, figure: bool,
+                 stamp_load: bool = True) -> None:
     report["summary"] = summarize(report["runs"])
-    report["machine"]["load_average_after"] = common.load_average()
+    if stamp_load:
+        report["machine"]["load_average_after"] = common.load_average()
     _write_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=1, default=str))
     _write_atomic(out_dir / f"{stem}.md", markdown(report))
     if figure and report["summary"]:
@@ -587,6 +604,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     p.add_argument("--name", default=None, help="output stem (default quality_<mode>)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the summary, table and figure from the existing JSON")
     return p.parse_args(argv)
 
 
@@ -598,6 +617,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from fastrm.datasets import default_shared_data_dir
 
     args = parse_args(argv)
+    stem = args.name or f"quality_{args.mode}"
+    if args.report_only:
+        report = json.loads((args.out_dir / f"{stem}.json").read_text())
+        write_report(report, args.out_dir, stem, figure=True, stamp_load=False)
+        print(markdown(report))
+        return 0
     common.set_threads(args.threads)
     mode = MODES[args.mode]
     seeds = list(range(args.seeds if args.seeds is not None else mode.seeds))
@@ -633,7 +658,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "ece_bins": N_BINS},
         "not_applicable": not_applicable, "runs": [],
     }
-    stem = args.name or f"quality_{args.mode}"
     wanted = set(args.settings.split(",")) if args.settings else {s.name for s in SETTINGS}
     unknown = wanted - {s.name for s in SETTINGS}
     if unknown:

@@ -324,6 +324,21 @@ def make_adamw(params, spec: dict[str, Any]) -> torch.optim.Optimizer:
                              weight_decay=spec["weight_decay"], **kw)
 
 
+def set_fp32_matmul(spec: dict[str, Any]) -> None:
+    """The TRL comparison's fp32 matmul precision on CUDA, the same on both sides: TF32 when
+    ``spec["tf32"]`` (an fp32 speed run, as fastrm's recipe runs fp32 on CUDA:
+    :func:`fastrm.training.dtype.enable_tf32`), full IEEE fp32 otherwise (the same-work proof,
+    whose tolerance is fp32 rounding). Nothing to do on CPU."""
+    if spec.get("device", "cpu") != "cuda":
+        return
+    if spec.get("tf32"):
+        from fastrm.training.dtype import enable_tf32
+        enable_tf32("cuda", torch.float32)
+    else:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+
+
 # --------------------------------------------------------------------------------------------
 # statistics and tables
 # --------------------------------------------------------------------------------------------

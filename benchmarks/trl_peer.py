@@ -61,9 +61,14 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         gradient_checkpointing: TRL's ``gradient_checkpointing`` flag.
 
     Returns:
-        per-step ``step_s``, ``loss``, ``tokens_computed`` (``2B * L_max``), ``real_tokens``
-        (attention-mask sum), ``pairs``; ``dropped_pairs`` (TRL's own length filter over all
-        rows), ``peak_rss_bytes``, ``peak_rss_before_train_bytes`` (loading), ``load_s``.
+        per-step ``step_s`` (``on_step_begin`` to ``on_step_end``: forward, backward, clipping,
+        AdamW step, zero_grad; the batch was collated and put on the device by the data
+        loader before), ``collate_s`` (TRL's collator, untimed), ``loss``, ``grad_norm``
+        (pre-clip), ``tokens_computed`` (``2B * L_max``), ``real_tokens`` (attention-mask sum),
+        ``pairs``; ``dropped_pairs`` (TRL's own length filter over all rows),
+        ``peak_rss_bytes``, ``peak_rss_before_train_bytes`` (loading), ``load_s``,
+        ``shape_warmup_batches`` (with ``spec["shape_warmup"]``: each step's batch ran forward
+        + backward once, untimed, before training).
     """
     from datasets import Dataset
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
@@ -72,6 +77,7 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
 
     spec = plan["spec"]
     torch.set_num_threads(spec["threads"])
+    common.set_fp32_matmul(spec)
     dtype = getattr(torch, spec["dtype"])
     t_load = time.perf_counter()
     ckpt = plan["checkpoint_dir"]
@@ -82,6 +88,9 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         raise RuntimeError("expected a bias-free score head (LlamaForSequenceClassification)")
     with torch.no_grad():
         model.score.weight.copy_(plan["head_weight"].to(dtype))
+    if model.get_input_embeddings().padding_idx != plan["embedding_padding_idx"]:
+        raise RuntimeError(f"the embedding's padding_idx is {model.get_input_embeddings().padding_idx}"
+                           f", the plan expects {plan['embedding_padding_idx']}")
 
     rows = plan["rows"]
     train = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"],
@@ -118,8 +127,9 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
     optimizer = common.make_adamw(model.parameters(), spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
-    record: dict[str, list] = {"step_s": [], "loss": [], "tokens_computed": [],
+    record: dict[str, list] = {"step_s": [], "collate_s": [], "loss": [], "tokens_computed": [],
                                "real_tokens": [], "pairs": []}
+    recording = {"on": True}
 
     cuda = spec.get("device", "cpu") == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -139,7 +149,7 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
-            if model.training:
+            if model.training and recording["on"]:
                 ids = inputs["input_ids"]
                 record["loss"].append(float(loss.detach()))
                 record["tokens_computed"].append(int(ids.numel()))
@@ -160,7 +170,27 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         if (list(ds[k]["chosen_ids"]) != p["prompt"] + p["chosen"]
                 or list(ds[k]["rejected_ids"]) != p["prompt"] + p["rejected"]):
             raise RuntimeError(f"TRL's tokens of pair {k} (row {p['row']}) differ from the plan's")
+    collate = trainer.data_collator
+
+    def timed_collate(features):  # in the data loader, before on_step_begin: not in step_s
+        t0 = time.perf_counter()
+        out = collate(features)
+        record["collate_s"].append(time.perf_counter() - t0)
+        return out
+
+    trainer.data_collator = timed_collate
     load_s = time.perf_counter() - t_load
+    shape_warmup = 0
+    if spec.get("shape_warmup"):  # forward + backward once per step's batch, untimed
+        recording["on"] = False
+        model.train()
+        for inputs, _ in zip(trainer.get_train_dataloader(), range(n_steps)):
+            trainer.compute_loss(model, inputs).backward()
+            model.zero_grad(set_to_none=True)
+            shape_warmup += 1
+        sync()
+        recording["on"] = True
+        record["collate_s"].clear()
     rss_before = common.peak_rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -168,12 +198,19 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         trainer.train()
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)  # save_strategy="no": nothing to keep
+    # the pre-clip gradient norm of each step (Trainer logs clip_grad_norm_'s return value)
+    grad_norm = [float(h["grad_norm"]) for h in trainer.state.log_history if "grad_norm" in h]
+    if len(grad_norm) != n_steps:
+        raise RuntimeError(f"expected {n_steps} logged gradient norms, got {len(grad_norm)}")
     checkpointing_on = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
     if checkpointing_on != gradient_checkpointing:
         raise RuntimeError(f"asked for gradient checkpointing={gradient_checkpointing}, the model "
                            f"ran with {checkpointing_on}")
     return {
         **record,
+        "grad_norm": grad_norm,
+        "collate_s": record["collate_s"][:n_steps],
+        "shape_warmup_batches": shape_warmup,
         "dropped_pairs": len(rows) - len(ds),
         "total_pairs": len(rows),
         "truncated_pairs": 0,

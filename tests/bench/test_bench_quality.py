@@ -171,3 +171,26 @@ def test_quick_mode_trains_and_scores_every_setting(tmp_path):
     assert len(rows) == 2 * len(expected)
     table = (tmp_path / "quality_quick.md").read_text()
     assert "accuracy (95% CI)" in table and "plackett_luce" in table and "margins" in table
+    # the table and figure can be rebuilt from the JSON alone
+    (tmp_path / "quality_quick.md").unlink()
+    (tmp_path / "quality_quick.png").unlink()
+    assert bq.main(["--mode", "quick", "--report-only", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "quality_quick.md").read_text() == table
+    assert (tmp_path / "quality_quick.png").is_file()
+
+
+def test_summary_pairs_each_setting_with_the_reference_seed_by_seed():
+    def run(setting, seed, acc):
+        return {"suite": "synthetic", "setting": setting, "seed": seed, "train_wall_s": 1.0,
+                "train_comparisons": 10, "held_out": {"validation": {
+                    "accuracy": acc, "ece": 0.1, "reward_mean": 0.0, "reward_std": 1.0,
+                    "comparisons": 20}}}
+    runs = [run("bt", 0, 0.5), run("bt", 1, 0.7), run("bt", 2, 0.6),
+            run("margins", 2, 0.9), run("margins", 0, 0.6), run("margins", 1, 0.9)]
+    rows = {r["setting"]: r for r in bq.summarize(runs)}
+    assert rows["bt"]["accuracy_vs_reference"] is None and rows["bt"]["reference"] == "bt"
+    delta = rows["margins"]["accuracy_vs_reference"]  # per seed: +0.1, +0.2, +0.3
+    assert delta["mean"] == pytest.approx(0.2)
+    assert delta["half_width"] == pytest.approx(4.3027 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert rows["margins"]["accuracy"]["mean"] == pytest.approx(0.8)
+    assert rows["margins"]["seeds"] == [0, 1, 2]

@@ -157,11 +157,10 @@ def test_failure_mid_save_keeps_the_previous_checkpoint_and_resume_works(tmp_pat
         recipe.train()
     assert os.readlink(run / "latest") == "step_1" and not (run / "step_2").exists()
     step1 = run / "step_1"
-    assert {"model.safetensors", "config.json", "tokenizer.json", "recipe_state.pt",
-            "rng_rank0.pt", "reward_stats.json"} <= {p.name for p in step1.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "training_state",
+            "reward_stats.json"} <= {p.name for p in step1.iterdir()}
+    assert (step1 / "training_state" / ".metadata").is_file()
     check_hf_rewards(step1, n=4)
-    state = torch.load(step1 / "recipe_state.pt", weights_only=False)
-    assert state["global_step"] == 1
     monkeypatch.setattr(export, "_copy_tokenizer", real)
     resumed, cfg2 = _recipe(tmp_path, src, save_every_n_steps=1, resume_from_checkpoint=True)
     resumed.setup(cfg2)
