@@ -10,6 +10,9 @@ Same work on both sides
       :class:`fastrm.models.RewardModel` for fastrm; the reward head gets the same values on both
       sides (``w ~ N(0, 1/(D+1))``, seeded; fastrm's bias is set to 0 and frozen because HF's
       ``score`` has none).
+    * the embedding row of HF's ``pad_token_id`` (``padding_idx``: SmolLM2's ``<|im_end|>``, a
+      real token of every turn) never gets a gradient from TRL; fastrm's side zeroes that row's
+      gradient too, so both take the same update.
     * pairs: one list of conversational pairs in one order (prompts shuffled with the seed, the
       pairs of a prompt kept together, so that grouped responses have something to group);
       TRL drops the pairs longer than ``max_length`` as it always does; the timed fastrm steps
@@ -244,6 +247,8 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     max_norm = spec["max_grad_norm"] or float("inf")  # inf: the norm only, nothing clipped
+    emb = model.decoder.tok_embeddings.weight
+    pad_row = plan.get("embedding_padding_idx")
     for s, b in enumerate(batches):
         b = b.to(device)
         sync()
@@ -251,6 +256,8 @@ def run_fastrm(plan: dict[str, Any], config: str, checkpointing: bool) -> dict[s
         hidden = model(b)
         loss, _ = loss_fn.from_hidden(hidden, model.head.weight, model.head.bias, b)
         loss.backward()
+        if pad_row is not None and emb.grad is not None:
+            emb.grad[pad_row] = 0  # as HF's padding_idx on the TRL side (trl_plan.make_plan)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)

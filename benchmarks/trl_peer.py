@@ -88,6 +88,9 @@ def run_trl(plan: dict[str, Any], gradient_checkpointing: bool) -> dict[str, Any
         raise RuntimeError("expected a bias-free score head (LlamaForSequenceClassification)")
     with torch.no_grad():
         model.score.weight.copy_(plan["head_weight"].to(dtype))
+    if model.get_input_embeddings().padding_idx != plan["embedding_padding_idx"]:
+        raise RuntimeError(f"the embedding's padding_idx is {model.get_input_embeddings().padding_idx}"
+                           f", the plan expects {plan['embedding_padding_idx']}")
 
     rows = plan["rows"]
     train = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"],

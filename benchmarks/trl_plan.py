@@ -112,6 +112,11 @@ def make_plan(dataset: str, ds_cfg: dict, spec: dict, checkpoint_dir: str) -> di
     # fastrm's own length policy on the same pairs (what fastrm would train on, nothing dropped)
     fr_trunc = PreferenceDataset(tok, data=rows, transform=transform, on_identical="error",
                                  max_seq_len=max_len, truncation="left_prompt", progress=False)
+    # HF builds the embedding with padding_idx = config.pad_token_id: that row never gets a
+    # gradient on the TRL side. SmolLM2's pad token is <|im_end|>, a real token of every turn,
+    # so fastrm's side leaves that row's gradient out too (bench_trl.run_fastrm): the same update
+    from transformers import AutoConfig
+    padding_idx = AutoConfig.from_pretrained(checkpoint_dir).pad_token_id
     g = torch.Generator().manual_seed(spec["seed"])
     d = 576
     head = torch.randn(1, d, generator=g, dtype=torch.float64) / (d + 1) ** 0.5
@@ -122,6 +127,7 @@ def make_plan(dataset: str, ds_cfg: dict, spec: dict, checkpoint_dir: str) -> di
     return {
         "dataset": dataset, "spec": {**spec, "max_length": max_len}, "rows": rows,
         "kept_pairs": kept, "checkpoint_dir": checkpoint_dir, "head_weight": head.float(),
+        "embedding_padding_idx": padding_idx,
         "fastrm_tokenizer_mismatched_pairs": mismatched,
         "length_policy": {
             "pairs": len(pairs),

@@ -21,7 +21,8 @@ A hub dataset (no local file) is keyed by its name and arguments: pin ``revision
 Files are written atomically (:func:`fastrm._io.atomic_path`) and carry their key, their
 format version and a SHA-256 of their payload: a partial, corrupted, foreign or outdated file is
 rebuilt (with a warning), never trusted. Under torchrun, global rank 0 builds what is missing
-while the other ranks wait on a barrier, then every rank reads; where the cache folder is not
+while the other ranks wait on a barrier (a gloo group with a 6-hour timeout, whatever the
+training backend's), then every rank reads; where the cache folder is not
 shared between machines, local rank 0 of each node builds its own copy after that barrier.
 The folder is never pruned: delete it to reclaim space.
 """
@@ -477,11 +478,28 @@ def _rank() -> tuple[int, int, bool]:
     return 0, 0, False
 
 
-def _barrier(distributed: bool) -> None:
-    if distributed:
-        import torch.distributed as dist
+#: (default process group, gloo group the waiting ranks block on)
+_WAIT_GROUP: Optional[tuple[Any, Any]] = None
+#: how long the other ranks wait for rank 0 to prepare the data (NCCL's default 10 min is too
+#: short for tokenizing a large set)
+WAIT_TIMEOUT_S = 6 * 3600
 
-        dist.barrier()
+
+def _barrier(distributed: bool) -> None:
+    """A barrier on a gloo group with a :data:`WAIT_TIMEOUT_S` timeout (created once per
+    process group, by every rank at its first call)."""
+    if not distributed:
+        return
+    import datetime
+
+    import torch.distributed as dist
+
+    global _WAIT_GROUP
+    world = dist.group.WORLD
+    if _WAIT_GROUP is None or _WAIT_GROUP[0] is not world:
+        _WAIT_GROUP = (world, dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=WAIT_TIMEOUT_S)))
+    dist.barrier(group=_WAIT_GROUP[1])
 
 
 class DataCache:

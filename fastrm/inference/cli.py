@@ -30,8 +30,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per packed forward (default 8192)")
     p.add_argument("--normalize", action="store_true",
                    help="(r - mean) / std with the checkpoint's stored reward statistics")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="model dtype (default float32)")
+    p.add_argument("--dtype", default="float32",
+                   choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+                   help="model dtype (default float32: exact rewards; auto: bf16 on GPUs and "
+                   "CPUs with fast bf16, else fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
                    "available, else cpu)")
     p.add_argument("--attention-backend", default=None,

@@ -48,7 +48,7 @@ class RewardScorer:
         reward_mean, reward_std: the normalization statistics.
         device: where the batches go (default: the model's device).
         chunk_tokens: tokens tokenized and packed together before a chunk of results is yielded
-            (default ``8 * batch_tokens``): larger chunks pack a little fuller, smaller ones
+            (default ``4 * batch_tokens``): larger chunks pack a little fuller, smaller ones
             write results sooner.
 
     Example::
@@ -82,7 +82,7 @@ class RewardScorer:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_tokens = int(batch_tokens)
-        self.chunk_tokens = int(chunk_tokens or 8 * self.batch_tokens)
+        self.chunk_tokens = int(chunk_tokens or 4 * self.batch_tokens)
         self.normalize = bool(normalize)
         self.reward_mean, self.reward_std = reward_mean, reward_std
         if device is None:

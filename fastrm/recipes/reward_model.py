@@ -49,8 +49,9 @@ from fastrm.training.config import parse, validate_config
 from fastrm.training.dtype import enable_tf32, resolve_dtype
 from fastrm.training.evaluation import evaluate
 from fastrm.training.metrics import StepAccumulator, loss_normalizer, memory_stats, reset_memory_stats
-from fastrm.training.model_setup import RewardModelStep, build_model, shard
+from fastrm.training.model_setup import RewardModelStep, build_model, build_sharded_step_module
 from fastrm.training.step_data import StepData, build_step_data
+from fastrm.training.training_state import load_training_state, save_training_state
 
 log = utils.get_logger("INFO")
 
@@ -109,19 +110,22 @@ class RewardModelRecipe:
             raise ValueError("loss.use_margin is True but the training dataset has no margin "
                              "column; set loss.use_margin=False or add margins")
 
-        # Every rank builds the same initial weights (the head is freshly initialised): seed
-        # with the config seed, not torchtune's per-rank seed, for this part.
+        # Initial weights from the config seed, not torchtune's per-rank seed (the head and
+        # adapters from fresh_parameters(seed) on both paths, so they are the same).
         torch.manual_seed(self.seed)
-        self.model, self.checkpointer = build_model(cfg, self.device, self.dtype)
+        if self.world_size > 1:  # meta device, FSDP2, each rank materialises its shards
+            self.step_module, self.checkpointer = build_sharded_step_module(
+                cfg, self.loss_fn, self.device, self.dtype, self.world_size, self.rank, self.seed,
+                cfg.get("fsdp_reshard_after_forward", True))
+            utils.log_rank_zero(log, f"FSDP2 over a {self.device.type} mesh of "
+                                     f"{self.world_size} ranks (built on the meta device)")
+        else:
+            model, self.checkpointer = build_model(cfg, self.device, self.dtype, seed=self.seed)
+            self.step_module = RewardModelStep(model, self.loss_fn)
+        self.model = self.step_module.model
         # the save format and its conversion, checked on the real keys before any training
         self.model_writer = ckpt_io.ModelWriter(cfg, self.checkpointer, self.tokenizer)
         self.model_writer.check(self.model)
-        self.step_module = RewardModelStep(self.model, self.loss_fn)
-        if self.world_size > 1:
-            mesh = shard(self.step_module, self.device, self.world_size,
-                         cfg.get("fsdp_reshard_after_forward", True))
-            utils.log_rank_zero(log, f"FSDP2 over a {mesh.device_type} mesh of "
-                                     f"{self.world_size} ranks")
         training.set_seed(seed=self.seed)
 
         params = [p for p in self.step_module.parameters() if p.requires_grad]
@@ -263,54 +267,60 @@ class RewardModelRecipe:
 
         out = self.output_dir / tag
         model_sd = ckpt_io.full_state_dict(self.step_module.model, self.is_rank_zero)
-        opt_sd = ckpt_io.full_optimizer_state_dict(self.step_module, self.optimizer, self.is_rank_zero)
         tmp = out.with_name(f".{tag}.partial")
         if self.is_rank_zero:
             partial_dir(out)
             stats = getattr(self, "last_eval", {})
             self.model_writer.write(tmp, model_sd, stats)
             ckpt_io.save_reward_stats(tmp, stats, self.global_step)
-            # parameter names as the state dict spells them (activation checkpointing wraps
-            # layers; the wrapper's prefix is not part of state-dict keys)
-            trainable = {n.replace("._checkpoint_wrapped_module", "")
-                         for n, p in self.step_module.model.named_parameters() if p.requires_grad}
-            ckpt_io.save_recipe_state(tmp, {
-                "trainable_model": {k: v for k, v in model_sd.items() if k in trainable or k.startswith("head.")},
-                "optimizer": opt_sd,
-                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-                "global_step": self.global_step,
-                "epochs_run": self.epochs_run,
-                "step_in_epoch": 0 if epoch_done else self.step_in_epoch,
-                "seed": self.seed,
-                "history": self.history,
-            })
-        dist_utils.barrier()
-        # RNG state is per rank (torchtune seeds rank r with seed + r)
-        ckpt_io.save_rng_state(tmp, self.rank, self.device)
-        dist_utils.barrier()
+        del model_sd
+        self._save_training_state(tmp, epoch_done)
         if self.is_rank_zero:
             commit_dir(tmp, out)
             ckpt_io.point_latest(self.output_dir, tag)
             log.info(f"saved checkpoint to {out}")
         return out
 
+    # ------------------------------------------------------------------ resumable state
+    def _save_training_state(self, out: Path, epoch_done: bool) -> None:
+        """``out/training_state``: trainable shards, optimizer, RNG per rank and progress,
+        with torch.distributed.checkpoint (:mod:`fastrm.training.training_state`)."""
+        save_training_state(out, self.step_module, self.optimizer, {
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            "global_step": self.global_step,
+            "epochs_run": self.epochs_run,
+            "step_in_epoch": 0 if epoch_done else self.step_in_epoch,
+            "seed": self.seed,
+            "history": self.history,
+            "rows_per_global_step": self._rows_per_global_step(),
+        }, self.device)
+
+    def _rows_per_global_step(self) -> int:
+        return int(self.cfg.packing.get("rows_per_step", 1)) * self.world_size * self.grad_accum
+
     def _load_recipe_state(self) -> None:
         ckpt = self.output_dir / "latest"
-        state = ckpt_io.load_recipe_state(ckpt)
+        state = load_training_state(ckpt, self.step_module, self.optimizer, self.device)
         if state["seed"] != self.seed:
             raise ValueError(f"seed={self.seed} differs from the checkpoint's seed={state['seed']}; "
                              "resume with the same seed")
-        ckpt_io.load_trainable_state(self.step_module.model, state["trainable_model"])
-        ckpt_io.load_optimizer_state(self.step_module, self.optimizer, state["optimizer"], self.device)
+        saved_rows = state.get("rows_per_global_step", self._rows_per_global_step())
+        if saved_rows != self._rows_per_global_step():
+            raise ValueError(
+                f"the checkpoint's optimizer steps took {saved_rows} packed rows (rows_per_step x "
+                f"ranks x gradient_accumulation_steps; saved by {state['world_size']} ranks), this run's "
+                f"take {self._rows_per_global_step()}; on {self.world_size} ranks set "
+                f"packing.rows_per_step={saved_rows / (self.world_size * self.grad_accum):g} so the "
+                "data position and the global batch carry over")
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_step = state["global_step"]
         self.epochs_run = state["epochs_run"]
         self.step_in_epoch = state["step_in_epoch"]
         self.history = list(state.get("history", []))
-        ckpt_io.load_rng_state(ckpt, self.rank, self.device)
         utils.log_rank_zero(log, f"resumed from {ckpt.resolve()} at step {self.global_step} "
-                                 f"(epoch {self.epochs_run}, step {self.step_in_epoch} in epoch)")
+                                 f"(epoch {self.epochs_run}, step {self.step_in_epoch} in epoch; "
+                                 f"saved by {state['world_size']} ranks, resumed on {self.world_size})")
 
     def cleanup(self) -> None:
         if self.is_rank_zero:

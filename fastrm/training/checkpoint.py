@@ -13,8 +13,9 @@ they were. It holds
   ``head.weight`` keys);
 * ``reward_stats.json``: reward mean/std on the validation split, to normalize rewards (also in
   ``config.json`` as OpenRLHF's ``mean`` / ``std``);
-* ``recipe_state.pt``: trainable weights, optimizer, scheduler, data position, history;
-* ``rng_rank<r>.pt``: each rank's torch / CUDA / numpy / python RNG states.
+* ``training_state/``: the resumable state, sharded with torch.distributed.checkpoint
+  (:mod:`fastrm.training.training_state`: trainable shards, optimizer, RNG per rank, data
+  position, history).
 """
 
 from __future__ import annotations
@@ -27,54 +28,22 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from torchtune import training
-
 from fastrm._io import atomic_path, atomic_symlink
 
 STATS_FILE = "reward_stats.json"
-RECIPE_STATE_FILE = "recipe_state.pt"
 
 
-# ---------------------------------------------------------------------- gather / scatter
+# ---------------------------------------------------------------------- gather
 def full_state_dict(model: nn.Module, is_rank_zero: bool) -> dict[str, torch.Tensor]:
-    """Full CPU state dict (gathered from shards under FSDP); empty on ranks > 0 when sharded."""
-    if dist.is_initialized():
-        return training.gather_cpu_state_dict(model, is_rank_zero)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """Full CPU state dict (gathered from shards under FSDP one tensor at a time,
+    :func:`~fastrm.training.distributed.iter_full_tensors`); empty on ranks > 0."""
+    from fastrm.training.distributed import iter_full_tensors
 
-
-def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer,
-                              is_rank_zero: bool) -> dict:
-    if dist.is_initialized():
-        return training.get_full_optimizer_state_dict(module, optimizer, is_rank_zero)
-    return optimizer.state_dict()
-
-
-def load_trainable_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Loads the saved trainable parameters (the frozen rest comes from the base checkpoint)."""
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True,
-                                                                 broadcast_from_rank0=False,
-                                                                 strict=False))
-        return
-    missing = set(sd) - set(model.state_dict())
-    if missing:
-        raise KeyError(f"checkpoint has parameters the model lacks: {sorted(missing)[:5]}")
-    model.load_state_dict(sd, strict=False)
-
-
-def load_optimizer_state(module: nn.Module, optimizer, sd: dict, device: torch.device) -> None:
-    if dist.is_initialized():
-        training.load_from_full_optimizer_state_dict(module, optimizer, sd, device)
-    else:
-        optimizer.load_state_dict(sd)
+    return {k: v for k, v in iter_full_tensors(model, is_rank_zero) if v is not None}
 
 
 # ---------------------------------------------------------------------- files
@@ -163,19 +132,6 @@ def save_reward_stats(out: Path, stats: dict[str, Any], step: int) -> None:
         }, indent=2))
 
 
-def save_recipe_state(out: Path, state: dict[str, Any]) -> None:
-    with atomic_path(out / RECIPE_STATE_FILE) as tmp:
-        torch.save(state, tmp)
-
-
-def load_recipe_state(ckpt: Path) -> dict[str, Any]:
-    if not (ckpt / RECIPE_STATE_FILE).exists():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint=True but {ckpt}/{RECIPE_STATE_FILE} does not exist; run "
-            f"without resuming first, or point output_dir at the run to resume")
-    return torch.load(ckpt / RECIPE_STATE_FILE, map_location="cpu", weights_only=False)
-
-
 def point_latest(output_dir: Path, tag: str) -> None:
     """``output_dir/latest`` -> ``tag``."""
     atomic_symlink(tag, output_dir / "latest")
@@ -206,10 +162,3 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
                       "the uninterrupted one exactly", stacklevel=2)
 
 
-def save_rng_state(out: Path, rank: int, device: torch.device) -> None:
-    with atomic_path(out / f"rng_rank{rank}.pt") as tmp:
-        torch.save(rng_state(device), tmp)
-
-
-def load_rng_state(ckpt: Path, rank: int, device: torch.device) -> None:
-    set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False), device)

@@ -4,6 +4,7 @@ start several processes (gloo on CPU, nccl on CUDA); a plain ``tune run`` stays 
 from __future__ import annotations
 
 import os
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,3 +63,17 @@ def all_gather_objects(obj) -> list:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a DTensor (a plain tensor is returned as it is)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def iter_full_tensors(module: torch.nn.Module,
+                      is_rank_zero: bool) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """``(name, tensor)`` for each entry of ``module.state_dict()``, one at a time, for writing
+    the final model: a sharded (DTensor) entry is all-gathered (``full_tensor()``) and moved
+    to the CPU on rank 0; other ranks get ``None`` and drop their gathered copy at once. Every
+    rank must run the generator to its end, in step (each sharded entry is a collective). At
+    most one full tensor exists beyond the shards at any moment, so no rank holds an extra
+    full copy of the model; in one process it yields the CPU tensors."""
+    for name, t in module.state_dict().items():
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        yield name, (full.detach().cpu() if is_rank_zero else None)
+        del full

@@ -22,7 +22,9 @@ applied, and the bytes each of ``N`` ranks holds are computed:
 * **FSDP buffers** (``N > 1``): the root unit (embeddings, final norm, head) stays gathered
   from the forward to the end of the backward, a layer is gathered while the next one is
   prefetched, and one layer's full gradients exist before their reduce-scatter:
-  ``root + 2 * layer + layer_trainable`` (unsharded bytes; the largest layer).
+  ``root + 2 * layer + layer_trainable`` (unsharded bytes; the largest layer). With
+  ``fsdp_reshard_after_forward: false`` every unit stays gathered from its forward to its
+  backward: ``all parameters + layer_trainable``.
 * **activations**: the bytes autograd keeps between the forward and the backward, per packed
   token (with checkpointing, plus the one layer the backward recomputes at a time:
   ``activation_recompute_bytes_per_token``), times the tokens of one micro-step on one rank
@@ -483,7 +485,10 @@ def plan_memory(cfg: DictConfig, gpus: int, device_memory_gib: float = 80.0,
         root = sum(p.numel() * p.element_size() for p in params if id(p) not in layer_ids)
         full = max(_bytes(_unique_params(layer), 1) for layer in layers)
         full_grads = max(_bytes(_unique_params(layer), 1, trainable_only=True) for layer in layers)
-        fsdp = root + 2 * full + full_grads
+        if cfg.get("fsdp_reshard_after_forward", True):
+            fsdp = root + 2 * full + full_grads
+        else:  # every unit stays gathered from its forward to its backward
+            fsdp = _bytes(params, 1) + full_grads
     activations = int(math.ceil(per_token * tokens))
     buffers = buffer_bytes(model)
     return MemoryPlan(
@@ -516,6 +521,58 @@ def measure_activation_bytes(run, model: nn.Module) -> int:
                 yield m._memo[2]
 
     return saved_activation_bytes(run, exclude=model.parameters(), also=held)
+
+
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def measure_training_memory(cfg: DictConfig, tokenizer, steps: int = 3,
+                            dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Measured counterpart of :func:`plan_memory` for ``gpus=1``: builds the model of ``cfg``
+    as the recipe does (:func:`fastrm.training.model_setup.build_model`: checkpoint,
+    trainable policy, activation checkpointing), runs ``steps`` real optimizer steps on CPU
+    over the packed training data, and returns the actual storage bytes of the parameters,
+    buffers, gradients (after the last backward) and optimizer state, and for each step the
+    bytes autograd kept per packed token (:func:`measure_activation_bytes`)."""
+    from torchtune import config
+
+    from fastrm.training.model_setup import RewardModelStep, build_model
+    from fastrm.training.step_data import build_step_data
+
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    model, _ = build_model(cfg, torch.device("cpu"), dtype)
+    step = RewardModelStep(model, config.instantiate(cfg.loss))
+    data = build_step_data(cfg, "dataset", tokenizer, 1, 0, seed=0, train=True)
+    params = [p for p in step.parameters() if p.requires_grad]
+    opt = config.instantiate(cfg.optimizer, params)
+    per_token, tokens, grads = [], [], 0
+    for i, batch in enumerate(data.epoch_steps(0)):
+        if i == steps:
+            break
+        out: list = []
+        kept = measure_activation_bytes(lambda: out.append(step(batch)), model)
+        tokens.append(int(batch.tokens.shape[1]))
+        per_token.append(kept / tokens[-1])
+        out[0][0].backward()
+        opt.step()
+        grads = _storage_bytes(p.grad for p in params)
+        opt.zero_grad(set_to_none=True)
+        del out
+    if len(per_token) < steps:
+        raise ValueError(f"the training data gave {len(per_token)} steps, fewer than {steps}")
+    return dict(
+        parameters=sum(p.numel() for p in model.parameters()),
+        trainable_parameters=sum(p.numel() for p in params),
+        weights_bytes=_storage_bytes(model.parameters()),
+        buffers_bytes=_storage_bytes(b for _, b in model.named_buffers()),
+        gradients_bytes=grads,
+        optimizer_bytes=sum(v.untyped_storage().nbytes() for st in opt.state.values()
+                            for v in st.values() if isinstance(v, torch.Tensor)),
+        activation_bytes_per_token=per_token, tokens=tokens)
 
 
 # ------------------------------------------------------------------------------- CLI

@@ -70,7 +70,7 @@ def test_loss_falls_and_checkpoint_is_complete(tmp_path):
         torch.testing.assert_close(v, want[k].cpu())
     stats = json.loads((out / "reward_stats.json").read_text())
     assert stats["reward_std"] > 0 and 0 <= stats["val_accuracy"] <= 1
-    assert (out / "recipe_state.pt").exists() and (out / "rng_rank0.pt").exists()
+    assert (out / "training_state" / ".metadata").exists()
     assert not list(Path(cfg.output_dir).glob(".*partial"))  # built aside, renamed into place
 
 

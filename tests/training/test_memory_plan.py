@@ -29,6 +29,7 @@ from fastrm.training.memory_plan import (
     GIB,
     main,
     measure_activation_bytes,
+    measure_training_memory,
     optimizer_state_layout,
     plan_memory,
     probe_optimizer_state,
@@ -56,51 +57,6 @@ def tiny_cfg(**overrides):
 
 
 # --------------------------------------------------------------------- measured runs
-def _storage_bytes(tensors) -> int:
-    seen = {}
-    for t in tensors:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def _optimizer_bytes(opt) -> int:
-    return sum(v.untyped_storage().nbytes() for state in opt.state.values()
-               for v in state.values() if isinstance(v, torch.Tensor))
-
-
-def _train_and_measure(cfg, steps: int = 3):
-    """Runs ``steps`` real optimizer steps as the recipe does (one process, fp32) and measures
-    each part of the memory."""
-    from torchtune import config
-
-    torch.manual_seed(0)
-    model, _ = build_model(cfg, torch.device("cpu"), torch.float32)
-    loss_fn = config.instantiate(cfg.loss)
-    step = RewardModelStep(model, loss_fn)
-    data = build_step_data(cfg, "dataset", ByteChatTokenizer(), 1, 0, seed=0, train=True)
-    params = [p for p in step.parameters() if p.requires_grad]
-    opt = config.instantiate(cfg.optimizer, params)
-    per_token = []
-    for i, batch in enumerate(data.epoch_steps(0)):
-        if i == steps:
-            break
-        out = []
-        kept = measure_activation_bytes(lambda: out.append(step(batch)), model)
-        per_token.append(kept / batch.tokens.shape[1])
-        loss, _ = out[0]
-        loss.backward()
-        opt.step()
-        grads = _storage_bytes(p.grad for p in params)
-        opt.zero_grad(set_to_none=True)
-    assert len(per_token) == steps
-    return dict(
-        weights=_storage_bytes(model.parameters()),
-        buffers=_storage_bytes(b for _, b in model.named_buffers()),
-        gradients=grads, optimizer=_optimizer_bytes(opt), per_token=per_token,
-        parameters=sum(p.numel() for p in model.parameters()),
-        trainable=sum(p.numel() for p in params))
-
-
 LORA = {"model": {"_component_": "fastrm.models.lora_reward_model",
                   "decoder": "fastrm.models.tiny_lora_llama3",
                   "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"],
@@ -122,18 +78,16 @@ def test_plan_matches_a_measured_run(name, overrides):
     cfg = tiny_cfg()
     for k, v in overrides.items():
         OmegaConf.update(cfg, k, v, force_add=True, merge=False)
-    measured = _train_and_measure(cfg)
+    measured = measure_training_memory(cfg, ByteChatTokenizer(), steps=3)
     plan = plan_memory(cfg, gpus=1)
     assert plan.attention_backend == "sdpa_segments"  # fp32 on CPU
-    assert plan.parameters == measured["parameters"]
-    assert plan.trainable_parameters == measured["trainable"]
-    assert plan.weights_bytes == measured["weights"]
-    assert plan.buffers_bytes == measured["buffers"]
-    assert plan.gradients_bytes == measured["gradients"]
-    assert plan.optimizer_bytes == measured["optimizer"]
+    for key in ("parameters", "trainable_parameters", "weights_bytes", "buffers_bytes",
+                "gradients_bytes", "optimizer_bytes"):
+        assert getattr(plan, key) == measured[key], key
     assert plan.fsdp_buffers_bytes == 0  # one rank: nothing is gathered
     formula = plan.activation_bytes_per_token - plan.activation_recompute_bytes_per_token
-    for kept in measured["per_token"]:
+    assert len(measured["activation_bytes_per_token"]) == 3
+    for kept in measured["activation_bytes_per_token"]:
         assert kept == pytest.approx(formula, rel=ACT_TOL), name
         assert kept >= formula  # what is left out only adds
     assert plan.tokens_per_step == cfg.packing.max_seq_len * cfg.packing.get("rows_per_step", 1)
@@ -274,6 +228,10 @@ def test_shipped_big_configs_validate_without_weights():
         validate_config(cfg)
         assert OmegaConf.is_missing(cfg.checkpointer, "checkpoint_dir")  # the user supplies it
         assert OmegaConf.to_container(cfg.tokenizer)["path"] == "${checkpointer.checkpoint_dir}"
+        with pytest.raises(Exception, match="Missing mandatory value: checkpointer.checkpoint_dir"):
+            OmegaConf.to_container(cfg, resolve=True)  # what the recipe does first (log_config)
+        cfg.checkpointer.checkpoint_dir = "/models/x"
+        assert OmegaConf.to_container(cfg, resolve=True)["tokenizer"]["path"] == "/models/x"
 
 
 def test_plan_table_and_overrides(capsys):
@@ -306,6 +264,12 @@ def test_plan_options(capsys):
     # R = 3 -> 1 removes 2 gathered key and value rows per layer (bf16, 8 KV heads of 128)
     delta = base["activation_bytes_per_token_without_checkpointing"] - one["activation_bytes_per_token_without_checkpointing"]
     assert delta == 32 * 2 * 2 * 8 * 128 * 2
+    keep = _plan_cli(capsys, "--config", "llama3_1_8b_lora_8xh100", "--gpus", "8",
+                     "fsdp_reshard_after_forward=false")
+    # nothing is resharded after the forward: the whole bf16 model is gathered, plus one
+    # layer's LoRA gradients
+    lora_layer = 16 * 4 * 4096 + 16 * (4096 + 1024 + 1024 + 4096)  # lora_a, lora_b of q, k, v, o
+    assert keep["fsdp_buffers_bytes"] == 2 * (base["parameters"] + lora_layer)
     nopre = _plan_cli(capsys, "--config", "llama3_1_8b_lora_8xh100", "--gpus", "8",
                       "packing.prefix_sharing=false")
     assert nopre["key_rows_per_token"] == 1.0

@@ -59,17 +59,17 @@ def _draw():
     return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
 
 
-def test_rng_state_round_trip_on_cpu(tmp_path):
+def test_rng_state_round_trip_on_cpu():
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
-    ckpt_io.save_rng_state(tmp_path, rank=1, device=torch.device("cpu"))
+    state = ckpt_io.rng_state(torch.device("cpu"))
     want = _draw()
     _draw()
-    ckpt_io.load_rng_state(tmp_path, rank=1, device=torch.device("cpu"))
+    ckpt_io.set_rng_state(state, torch.device("cpu"))
     assert _draw() == want
-    assert "cuda" not in torch.load(tmp_path / "rng_rank1.pt", weights_only=False)
+    assert "cuda" not in state
 
 
-def test_rng_state_saves_and_restores_the_cuda_generator(tmp_path, monkeypatch):
+def test_rng_state_saves_and_restores_the_cuda_generator(monkeypatch):
     """On a CUDA run the rank's CUDA generator is saved with the rest and restored on resume
     (the CUDA calls are recorded here: this machine may have no GPU)."""
     device = torch.device("cuda", 1)
@@ -77,17 +77,16 @@ def test_rng_state_saves_and_restores_the_cuda_generator(tmp_path, monkeypatch):
     restored = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d="cuda": cuda_state if d == device else None)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d="cuda": restored.append((s, d)))
-    ckpt_io.save_rng_state(tmp_path, rank=1, device=device)
-    saved = torch.load(tmp_path / "rng_rank1.pt", weights_only=False)
+    saved = ckpt_io.rng_state(device)
     assert torch.equal(saved["cuda"], cuda_state)
-    ckpt_io.load_rng_state(tmp_path, rank=1, device=device)
+    ckpt_io.set_rng_state(saved, device)
     assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == device
     # a CPU checkpoint resumed on CUDA (or the reverse) cannot be exact: say so
-    ckpt_io.save_rng_state(tmp_path, rank=0, device=torch.device("cpu"))
+    cpu_state = ckpt_io.rng_state(torch.device("cpu"))
     with pytest.warns(UserWarning, match="lacks a CUDA generator"):
-        ckpt_io.load_rng_state(tmp_path, rank=0, device=device)
+        ckpt_io.set_rng_state(cpu_state, device)
     with pytest.warns(UserWarning, match="has a CUDA generator"):
-        ckpt_io.load_rng_state(tmp_path, rank=1, device=torch.device("cpu"))
+        ckpt_io.set_rng_state(saved, torch.device("cpu"))
 
 
 def test_atomic_write_leaves_the_old_file_on_error(tmp_path):

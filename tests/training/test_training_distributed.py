@@ -1,21 +1,12 @@
 """FSDP2 shards over a mesh of the run's device: with a GPU visible (here: faked by making
 the default accelerator CUDA), a CPU run must not build its mesh on CUDA."""
 
-import pytest
 import torch
-import torch.distributed as dist
 
 from fastrm import RewardLoss
 from fastrm.data import ByteChatTokenizer, PackedPreferenceDataset, synthetic_preference_dataset
 from fastrm.models import tiny_llama3_reward_model
 from fastrm.training.model_setup import RewardModelStep, shard
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_cpu_run_shards_on_a_cpu_mesh_when_the_default_accelerator_is_cuda(one_rank_group, monkeypatch):
