@@ -262,3 +262,22 @@ def test_export_keeps_the_training_chat_template(exported, tmp_path):
     r_hf, ids = hf_rewards(out, convs)
     assert ids == [tok.tokenize_messages(c)[0] for c in convs]
     torch.testing.assert_close(r_hf, packed_rewards(model, ids), atol=TOL, rtol=0)
+
+
+def test_pad_choice_with_a_template_that_refuses_system_turns(tmp_path):
+    """Gemma's and Mistral v0.1's templates raise on a system turn: the pad is chosen from the
+    conversations the template renders."""
+    import json as _json
+
+    d = build_tokenizer_dir("qwen2", tmp_path)
+    cfg = _json.loads((d / "tokenizer_config.json").read_text())
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+        "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    (d / "tokenizer_config.json").write_text(_json.dumps(cfg))
+    tok = HFChatTokenizer(d)
+    text, pad = choose_pad_token(tok)
+    assert text == "<|endoftext|>"
+    (d / "chat_template.jinja").write_text("{{ raise_exception('nothing renders') }}")
+    with pytest.raises(ValueError, match="renders none of the probe conversations"):
+        choose_pad_token(HFChatTokenizer(d))
