@@ -1,5 +1,7 @@
-"""The model side of a recipe run: build the reward model from the config, choose what
-trains, bind the head to the loss in one step module, shard it with FSDP2."""
+"""The model side of a recipe run: build the reward model from the config (in one process,
+or on the meta device and sharded with FSDP2 over several ranks, each materialising only its
+shards), initialise what no checkpoint holds (head, adapters) the same way on both paths,
+choose what trains, bind the head to the loss in one step module."""
 
 from __future__ import annotations
 

@@ -110,7 +110,10 @@ def test_export_loads_in_transformers_with_equal_rewards(family, exported):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loader_round_trips_the_export(family, exported):
+    import fastrm
+
     _, out, model = exported(family)
+    assert fastrm.load_reward_model is load_reward_model  # the top-level name
     loaded = load_reward_model(out)
     want = model.state_dict()
     got = loaded.model.state_dict()
@@ -244,3 +247,18 @@ def test_trl_grpo_reward_path_reads_fastrms_reward(family, exported):
         r_trl = hf(**inputs).logits[:, 0]
     ids = [HFChatTokenizer(out).tokenize_messages(c)[0] for c in convs]
     torch.testing.assert_close(r_trl, packed_rewards(model, ids), atol=TOL, rtol=0)
+
+
+def test_export_keeps_the_training_chat_template(exported, tmp_path):
+    """A template given as a string in the tokenizer config (not the directory's default) is the
+    exported directory's template: transformers renders what training rendered."""
+    src, _, model = exported("qwen2")
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>"
+                "{% endfor %}\n")
+    tok = HFChatTokenizer(src, chat_template=template)
+    out = export_reward_model(tmp_path / "rm", model, read_config(src), tok)
+    assert (out / "chat_template.jinja").read_text() == template
+    convs = conversations(17, 6)
+    r_hf, ids = hf_rewards(out, convs)
+    assert ids == [tok.tokenize_messages(c)[0] for c in convs]
+    torch.testing.assert_close(r_hf, packed_rewards(model, ids), atol=TOL, rtol=0)
