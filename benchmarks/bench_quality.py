@@ -497,6 +497,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         row = {
             "suite": suite, "setting": setting, "held_out": ho, "seeds": sorted(by_seed),
             "accuracy": t_interval([r["accuracy"] for r in rs]),
+            "accuracy_per_seed": [r["accuracy"] for r in rs],
             "ece": t_interval([r["ece"] for r in rs]),
             "reward_mean": t_interval([r["reward_mean"] for r in rs]),
             "reward_std": t_interval([r["reward_std"] for r in rs]),
@@ -516,7 +517,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 def _ci(s: dict, fmt: str = "{:.3f}") -> str:
     if s["half_width"] is None:
         return fmt.format(s["mean"])
-    return f"{fmt.format(s['mean'])} ± {fmt.format(s['half_width'])}"
+    return f"{fmt.format(s['mean'])} ± {fmt.replace('+', '').format(s['half_width'])}"
 
 
 def markdown(report: dict) -> str:
@@ -557,13 +558,19 @@ def plot(report: dict, path: Path) -> Path:
         y = list(range(len(rows)))
         means = [r["accuracy"]["mean"] for r in rows]
         errs = [r["accuracy"]["half_width"] or 0.0 for r in rows]
-        ax.errorbar(means, y, xerr=errs, fmt="o", capsize=3)
+        ax.errorbar(means, y, xerr=errs, fmt="o", capsize=3, label="mean, 95% CI")
+        for yi, r in zip(y, rows):
+            seeds = r.get("accuracy_per_seed", [])
+            ax.plot(seeds, [yi + 0.2] * len(seeds), "x", color="grey", ms=4,
+                    label="one seed" if yi == 0 else None)
         ax.axvline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_yticks(y, [r["setting"] for r in rows])
         ax.invert_yaxis()
         ax.set_xlim(0.0, 1.0)
         ax.set_xlabel("held-out pairwise accuracy")
         ax.set_title(f"{suite}\n{ho}", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper right")
     fig.suptitle(f"accuracy, mean and 95% t-interval over seeds ({report['mode']})", fontsize=10)
     return common.save_figure(fig, path)
 
