@@ -281,3 +281,22 @@ def test_pad_choice_with_a_template_that_refuses_system_turns(tmp_path):
     (d / "chat_template.jinja").write_text("{{ raise_exception('nothing renders') }}")
     with pytest.raises(ValueError, match="renders none of the probe conversations"):
         choose_pad_token(HFChatTokenizer(d))
+
+
+def test_decoder_kwargs_read_old_and_new_rope_spellings():
+    """transformers < 5 writes ``rope_theta`` + ``rope_scaling``; 5.x writes ``rope_parameters``."""
+    from fastrm.hf.families import decoder_kwargs
+
+    base = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    old = decoder_kwargs(dict(base, rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **scaling}))
+    new = decoder_kwargs(dict(base, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **scaling}))
+    assert old == new and old["rope_base"] == 500000.0 and old["rope_scaling"] == scaling
+    assert decoder_kwargs(dict(base, rope_theta=1e4))["rope_scaling"] is None
+    assert decoder_kwargs(dict(base, max_position_embeddings=131072), max_seq_len=2048)["max_seq_len"] == 2048
+    with pytest.raises(ValueError, match="sliding_window=64 < 4096"):
+        decoder_kwargs(dict(base, model_type="qwen2", sliding_window=64, use_sliding_window=True))
+    assert decoder_kwargs(dict(base, model_type="mistral", sliding_window=1024))["max_seq_len"] == 1024
