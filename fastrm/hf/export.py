@@ -65,10 +65,18 @@ def choose_pad_token(tokenizer) -> tuple[str, int]:
         ValueError: every special token can be the reward token (add a pad token).
     """
     last, used = set(), set()
+    errors = []
     for conv in _PROBES:
-        ids, _ = tokenizer.tokenize_messages(conv)
+        try:  # templates may refuse some shapes (Gemma, Mistral v0.1: no system turn)
+            ids, _ = tokenizer.tokenize_messages(conv)
+        except ValueError as err:
+            errors.append(str(err))
+            continue
         last.add(ids[-1])
         used.update(ids)
+    if not last:
+        raise ValueError(f"the chat template of {tokenizer.files.directory} renders none of the probe "
+                         f"conversations (user/assistant turns): {errors[0]}")
     specials = dict(tokenizer.special_tokens)  # text -> id
     own = tokenizer.files.special_tokens.get("pad_token")
 
