@@ -38,7 +38,7 @@ Runs go seed by seed (every setting of seed 0, then seed 1, ...) and the JSON an
 rewritten after every run, so a stopped run still leaves a table.
 
     python benchmarks/bench_quality.py --mode quick      # tiny model, 1 seed, 2 steps: seconds
-    python benchmarks/bench_quality.py --mode full       # SmolLM2-135M, 3 seeds: 46 min on 1 busy core
+    python benchmarks/bench_quality.py --mode full      # SmolLM2-135M, 3 seeds: 46 min, 1 busy core
 
 Outputs: ``results/quality_<mode>.json`` (config, machine, every run with its per-comparison
 reward differences, the summary), ``.md`` (the table) and ``.png`` (accuracy with 95% intervals
@@ -179,7 +179,6 @@ def prepared_dataset(tokenizer, *, builder: str, complete_rankings_only: bool = 
 
     from fastrm.training.config import resolve_component
 
-    kwargs = OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else dict(kwargs)
     kwargs = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
               for k, v in kwargs.items()}
     key = json.dumps([builder, type(tokenizer).__name__, getattr(tokenizer, "path", None),

@@ -207,7 +207,8 @@ def test_options_two_seeds_and_missing_shared_data(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "two.json").read_text())
     assert "no data at" in report["not_applicable"]["qa_feedback"]
     assert sorted((r["setting"], r["seed"], r["steps"]) for r in report["runs"]) == [
-        ("grouped", 0, 1), ("grouped", 1, 1), ("independent_pairs", 0, 1), ("independent_pairs", 1, 1)]
+        ("grouped", 0, 1), ("grouped", 1, 1),
+        ("independent_pairs", 0, 1), ("independent_pairs", 1, 1)]
     for row in report["summary"]:
         assert row["seeds"] == [0, 1] and row["accuracy"]["half_width"] is not None
         if row["setting"] == "grouped":
