@@ -357,7 +357,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"best-of-{n} done", file=sys.stderr, flush=True)
     clients = [int(c) for c in args.clients.split(",")]
     result["server"] = bench_server(scorer, synthetic_rows(64, 4), clients,
-                                    requests_per_client=2 if args.quick else 4,
+                                    requests_per_client=2,
                                     max_wait_ms=args.max_wait_ms)
     result["machine"]["load_average_after"] = common.load_average()
     out = Path(args.out) if args.out else RESULTS / ("score_cpu_quick.json" if args.quick else

@@ -27,6 +27,7 @@ what the model skips. HF's ``score`` has no bias, and neither has fastrm's head.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -38,6 +39,8 @@ from fastrm._io import atomic_dir
 from fastrm.hf.families import family_for, to_hf
 
 __all__ = ["choose_pad_token", "export_reward_model", "write_hf_directory"]
+
+log = logging.getLogger(__name__)
 
 #: bytes per safetensors file before the weights are sharded (HF's default for save_pretrained)
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -62,10 +65,18 @@ def choose_pad_token(tokenizer) -> tuple[str, int]:
         ValueError: every special token can be the reward token (add a pad token).
     """
     last, used = set(), set()
+    errors = []
     for conv in _PROBES:
-        ids, _ = tokenizer.tokenize_messages(conv)
+        try:  # templates may refuse some shapes (Gemma, Mistral v0.1: no system turn)
+            ids, _ = tokenizer.tokenize_messages(conv)
+        except ValueError as err:
+            errors.append(str(err))
+            continue
         last.add(ids[-1])
         used.update(ids)
+    if not last:
+        raise ValueError(f"the chat template of {tokenizer.files.directory} renders none of the probe "
+                         f"conversations (user/assistant turns): {errors[0]}")
     specials = dict(tokenizer.special_tokens)  # text -> id
     own = tokenizer.files.special_tokens.get("pad_token")
 
@@ -130,6 +141,32 @@ def _copy_tokenizer(src: Path, out: Path, pad_text: str) -> None:
             p.write_text(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+def _write_training_template(tokenizer, out: Path) -> None:
+    """The exported tokenizer renders conversations as training did: a template chosen by name
+    or given as a string (``hf_tokenizer(chat_template=...)``) becomes the directory's
+    ``chat_template.jinja`` (which transformers prefers to ``tokenizer_config.json``'s)."""
+    if not tokenizer.chat:
+        if tokenizer.files.chat_templates:
+            log.warning("trained in plain mode (chat=False) but %s has a chat template: consumers "
+                        "that apply it will score other token ids than training saw",
+                        tokenizer.files.directory)
+        return
+    try:
+        default = tokenizer.files.chat_template(None)
+    except ValueError:  # several templates and no default
+        default = None
+    if tokenizer.template.source != default:
+        (out / "chat_template.jinja").write_text(tokenizer.template.source)
+        cfg_path = out / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("chat_template", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    extra = set(tokenizer.template.variables) - set(tokenizer.files.special_tokens)
+    if extra:
+        log.warning("the chat template was rendered with template_kwargs %s; pass the same keyword "
+                    "arguments to apply_chat_template when using the exported model", sorted(extra))
+
+
 def write_hf_directory(out: Path, model_sd: Mapping[str, torch.Tensor], config: Mapping[str, Any],
                        tokenizer, *, reward_mean: Optional[float] = None,
                        reward_std: Optional[float] = None,
@@ -163,6 +200,7 @@ def write_hf_directory(out: Path, model_sd: Mapping[str, torch.Tensor], config: 
     write_weights(out, hf_sd, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     _copy_tokenizer(Path(tokenizer.files.directory), out, pad_text)
+    _write_training_template(tokenizer, out)
     if generation_config is not None and Path(generation_config).is_file():
         shutil.copy(generation_config, out / "generation_config.json")
     return cfg

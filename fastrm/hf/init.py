@@ -97,6 +97,7 @@ def init_config(hf_dir: str, data: Optional[str] = None, validation_data: Option
         f"{kw['num_heads']}/{kw['num_kv_heads']} heads, tied embeddings: {kw['tie_word_embeddings']}",
         f"# (torchtune's FullModelHFCheckpointer model_type for this family: {fam.torchtune_model_type})",
         "# run: fastrm train --config THIS_FILE [key=value ...]",
+        "#  (or: tune run fastrm/recipes/reward_model.py --config THIS_FILE [key=value ...])",
         "",
         f"output_dir: {_yaml_value(out)}",
         "seed: 0",

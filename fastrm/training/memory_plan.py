@@ -22,7 +22,9 @@ applied, and the bytes each of ``N`` ranks holds are computed:
 * **FSDP buffers** (``N > 1``): the root unit (embeddings, final norm, head) stays gathered
   from the forward to the end of the backward, a layer is gathered while the next one is
   prefetched, and one layer's full gradients exist before their reduce-scatter:
-  ``root + 2 * layer + layer_trainable`` (unsharded bytes; the largest layer).
+  ``root + 2 * layer + layer_trainable`` (unsharded bytes; the largest layer). With
+  ``fsdp_reshard_after_forward: false`` every unit stays gathered from its forward to its
+  backward: ``all parameters + layer_trainable``.
 * **activations**: the bytes autograd keeps between the forward and the backward, per packed
   token (with checkpointing, plus the one layer the backward recomputes at a time:
   ``activation_recompute_bytes_per_token``), times the tokens of one micro-step on one rank
@@ -483,7 +485,10 @@ def plan_memory(cfg: DictConfig, gpus: int, device_memory_gib: float = 80.0,
         root = sum(p.numel() * p.element_size() for p in params if id(p) not in layer_ids)
         full = max(_bytes(_unique_params(layer), 1) for layer in layers)
         full_grads = max(_bytes(_unique_params(layer), 1, trainable_only=True) for layer in layers)
-        fsdp = root + 2 * full + full_grads
+        if cfg.get("fsdp_reshard_after_forward", True):
+            fsdp = root + 2 * full + full_grads
+        else:  # every unit stays gathered from its forward to its backward
+            fsdp = _bytes(params, 1) + full_grads
     activations = int(math.ceil(per_token * tokens))
     buffers = buffer_bytes(model)
     return MemoryPlan(

@@ -110,7 +110,10 @@ def test_export_loads_in_transformers_with_equal_rewards(family, exported):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loader_round_trips_the_export(family, exported):
+    import fastrm
+
     _, out, model = exported(family)
+    assert fastrm.load_reward_model is load_reward_model  # the top-level name
     loaded = load_reward_model(out)
     want = model.state_dict()
     got = loaded.model.state_dict()
@@ -244,3 +247,56 @@ def test_trl_grpo_reward_path_reads_fastrms_reward(family, exported):
         r_trl = hf(**inputs).logits[:, 0]
     ids = [HFChatTokenizer(out).tokenize_messages(c)[0] for c in convs]
     torch.testing.assert_close(r_trl, packed_rewards(model, ids), atol=TOL, rtol=0)
+
+
+def test_export_keeps_the_training_chat_template(exported, tmp_path):
+    """A template given as a string in the tokenizer config (not the directory's default) is the
+    exported directory's template: transformers renders what training rendered."""
+    src, _, model = exported("qwen2")
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>"
+                "{% endfor %}\n")
+    tok = HFChatTokenizer(src, chat_template=template)
+    out = export_reward_model(tmp_path / "rm", model, read_config(src), tok)
+    assert (out / "chat_template.jinja").read_text() == template
+    convs = conversations(17, 6)
+    r_hf, ids = hf_rewards(out, convs)
+    assert ids == [tok.tokenize_messages(c)[0] for c in convs]
+    torch.testing.assert_close(r_hf, packed_rewards(model, ids), atol=TOL, rtol=0)
+
+
+def test_pad_choice_with_a_template_that_refuses_system_turns(tmp_path):
+    """Gemma's and Mistral v0.1's templates raise on a system turn: the pad is chosen from the
+    conversations the template renders."""
+    import json as _json
+
+    d = build_tokenizer_dir("qwen2", tmp_path)
+    cfg = _json.loads((d / "tokenizer_config.json").read_text())
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+        "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    (d / "tokenizer_config.json").write_text(_json.dumps(cfg))
+    tok = HFChatTokenizer(d)
+    text, pad = choose_pad_token(tok)
+    assert text == "<|endoftext|>"
+    (d / "chat_template.jinja").write_text("{{ raise_exception('nothing renders') }}")
+    with pytest.raises(ValueError, match="renders none of the probe conversations"):
+        choose_pad_token(HFChatTokenizer(d))
+
+
+def test_decoder_kwargs_read_old_and_new_rope_spellings():
+    """transformers < 5 writes ``rope_theta`` + ``rope_scaling``; 5.x writes ``rope_parameters``."""
+    from fastrm.hf.families import decoder_kwargs
+
+    base = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    old = decoder_kwargs(dict(base, rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **scaling}))
+    new = decoder_kwargs(dict(base, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **scaling}))
+    assert old == new and old["rope_base"] == 500000.0 and old["rope_scaling"] == scaling
+    assert decoder_kwargs(dict(base, rope_theta=1e4))["rope_scaling"] is None
+    assert decoder_kwargs(dict(base, max_position_embeddings=131072), max_seq_len=2048)["max_seq_len"] == 2048
+    with pytest.raises(ValueError, match="sliding_window=64 < 4096"):
+        decoder_kwargs(dict(base, model_type="qwen2", sliding_window=64, use_sliding_window=True))
+    assert decoder_kwargs(dict(base, model_type="mistral", sliding_window=1024))["max_seq_len"] == 1024

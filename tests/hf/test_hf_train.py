@@ -20,7 +20,7 @@ from fastrm import cli
 from fastrm.hf import load_reward_model
 from fastrm.hf.init import init_config
 from fastrm.recipes.reward_model import RewardModelRecipe
-from fixtures.hf_models import FAMILIES, build_model_dir
+from fixtures.hf_models import FAMILIES, build_model_dir, check_hf_rewards
 from fixtures.hf_tokenizers import conversations
 
 transformers = pytest.importorskip("transformers")  # dev extra: the reference
@@ -28,28 +28,6 @@ transformers = pytest.importorskip("transformers")  # dev extra: the reference
 SMALL = ["max_steps_per_epoch=2", "dataset.num_prompts=24", "validation_dataset.num_prompts=16",
          "dataset.length_scale=0.1", "validation_dataset.length_scale=0.1", "num_threads=1",
          "optimizer.lr=1e-3"]
-
-
-def check_hf_rewards(out: Path, n: int = 8) -> float:
-    """transformers' rewards (padded batch, apply_chat_template ids) vs fastrm's loader on the
-    saved directory; returns the max difference."""
-    hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-        str(out), output_loading_info=True)
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
-    tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    convs = conversations(21, n)
-    ids = [list(tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in convs]
-    x = torch.full((n, max(map(len, ids))), tok.pad_token_id)
-    for b, i in enumerate(ids):
-        x[b, :len(i)] = torch.tensor(i)
-    with torch.no_grad():
-        r_hf = hf.eval()(input_ids=x, attention_mask=(x != tok.pad_token_id).long()).logits[:, 0]
-    loaded = load_reward_model(out)
-    r = torch.stack([loaded.model.rewards_padded(torch.tensor([i]), torch.tensor([len(i)]))[0] for i in ids])
-    assert [loaded.tokenizer.tokenize_messages(c)[0] for c in convs] == ids
-    diff = float((r - r_hf).abs().max())
-    assert diff < 1e-4, diff
-    return diff
 
 
 def init_yaml(src: Path, tmp_path: Path, **kw) -> Path:

@@ -125,3 +125,20 @@ def test_rendered_texts_share_prompts_and_equal_conversations(chatml_model, chat
                                torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="query 1 is a int"):
         scorer.tokenize_texts(["a", 3])
+
+
+def test_text_tokens_strips_padding_it_can_tell_apart():
+    from fastrm.inference import text_tokens
+
+    class Tok:  # ids are the characters' codes; "P" pads, "E" ends a turn
+        pad_id, eos_id, end_token_id = ord("P"), ord("E"), ord("E")
+
+        def encode_rendered(self, text):
+            return [ord(c) for c in text]
+
+    tok = Tok()
+    assert text_tokens(tok, "PPabcEPP") == [ord(c) for c in "abcE"]
+    tok.pad_id = ord("E")  # pad == end of turn: trailing "pads" are the sequence's own end
+    assert text_tokens(tok, "EabE") == [ord(c) for c in "abE"]
+    with pytest.raises(ValueError, match="no token"):
+        text_tokens(Tok(), "PPP")

@@ -228,6 +228,10 @@ def test_shipped_big_configs_validate_without_weights():
         validate_config(cfg)
         assert OmegaConf.is_missing(cfg.checkpointer, "checkpoint_dir")  # the user supplies it
         assert OmegaConf.to_container(cfg.tokenizer)["path"] == "${checkpointer.checkpoint_dir}"
+        with pytest.raises(Exception, match="Missing mandatory value: checkpointer.checkpoint_dir"):
+            OmegaConf.to_container(cfg, resolve=True)  # what the recipe does first (log_config)
+        cfg.checkpointer.checkpoint_dir = "/models/x"
+        assert OmegaConf.to_container(cfg, resolve=True)["tokenizer"]["path"] == "/models/x"
 
 
 def test_plan_table_and_overrides(capsys):
@@ -260,6 +264,12 @@ def test_plan_options(capsys):
     # R = 3 -> 1 removes 2 gathered key and value rows per layer (bf16, 8 KV heads of 128)
     delta = base["activation_bytes_per_token_without_checkpointing"] - one["activation_bytes_per_token_without_checkpointing"]
     assert delta == 32 * 2 * 2 * 8 * 128 * 2
+    keep = _plan_cli(capsys, "--config", "llama3_1_8b_lora_8xh100", "--gpus", "8",
+                     "fsdp_reshard_after_forward=false")
+    # nothing is resharded after the forward: the whole bf16 model is gathered, plus one
+    # layer's LoRA gradients
+    lora_layer = 16 * 4 * 4096 + 16 * (4096 + 1024 + 1024 + 4096)  # lora_a, lora_b of q, k, v, o
+    assert keep["fsdp_buffers_bytes"] == 2 * (base["parameters"] + lora_layer)
     nopre = _plan_cli(capsys, "--config", "llama3_1_8b_lora_8xh100", "--gpus", "8",
                       "packing.prefix_sharing=false")
     assert nopre["key_rows_per_token"] == 1.0
