@@ -384,15 +384,19 @@ def build_decoder(config: Mapping[str, Any], max_seq_len: Optional[int] = None) 
 
 
 # ------------------------------------------------------------------------------ conversion
-def to_hf(model_sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def to_hf(model_sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
+          partial: bool = False) -> dict[str, torch.Tensor]:
     """fastrm :class:`~fastrm.models.RewardModel` state dict (``decoder.*``, ``head.weight``)
-    -> ``<Family>ForSequenceClassification`` state dict (``model.*``, ``score.weight``)."""
+    -> ``<Family>ForSequenceClassification`` state dict (``model.*``, ``score.weight``).
+    Every key converts on its own (renames, per-tensor q / k permutations), so ``partial=True``
+    converts any part of the state dict (one layer while streaming an export,
+    :func:`fastrm.hf.export.iter_hf_tensors`) without requiring ``head.weight``."""
     fam = family_for(config)
     dec = {k[len("decoder."):]: v for k, v in model_sd.items() if k.startswith("decoder.")}
     other = set(model_sd) - {k for k in model_sd if k.startswith("decoder.")} - {HEAD_KEY}
     if other:
         raise ValueError(f"unexpected keys in the reward model state dict: {sorted(other)[:5]}")
-    if HEAD_KEY not in model_sd:
+    if HEAD_KEY not in model_sd and not partial:
         raise ValueError("the reward model state dict has no head.weight")
     try:
         hf = fam.tune_to_hf(dec, config)
@@ -400,7 +404,8 @@ def to_hf(model_sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> di
         raise ValueError(f"{fam.name}: a torchtune key has no HF name ({err}); the model does "
                          f"not match the {fam.name} family of config.json") from None
     hf.pop("lm_head.weight", None)
-    hf[SCORE_KEY] = model_sd[HEAD_KEY].reshape(1, -1)
+    if HEAD_KEY in model_sd:
+        hf[SCORE_KEY] = model_sd[HEAD_KEY].reshape(1, -1)
     return hf
 
 

@@ -266,14 +266,15 @@ class RewardModelRecipe:
         from fastrm._io import commit_dir, partial_dir
 
         out = self.output_dir / tag
-        model_sd = ckpt_io.full_state_dict(self.step_module.model, self.is_rank_zero)
         tmp = out.with_name(f".{tag}.partial")
+        stats = getattr(self, "last_eval", {})
         if self.is_rank_zero:
             partial_dir(out)
-            stats = getattr(self, "last_eval", {})
-            self.model_writer.write(tmp, model_sd, stats)
+        # every rank gathers in step; rank 0 converts and writes one layer at a time
+        self.model_writer.write(tmp, ckpt_io.iter_model_tensors(self.step_module.model, self.is_rank_zero),
+                                stats, self.is_rank_zero)
+        if self.is_rank_zero:
             ckpt_io.save_reward_stats(tmp, stats, self.global_step)
-        del model_sd
         self._save_training_state(tmp, epoch_done)
         if self.is_rank_zero:
             commit_dir(tmp, out)

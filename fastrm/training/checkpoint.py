@@ -24,7 +24,7 @@ import json
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -38,12 +38,14 @@ STATS_FILE = "reward_stats.json"
 
 
 # ---------------------------------------------------------------------- gather
-def full_state_dict(model: nn.Module, is_rank_zero: bool) -> dict[str, torch.Tensor]:
-    """Full CPU state dict (gathered from shards under FSDP one tensor at a time,
-    :func:`~fastrm.training.distributed.iter_full_tensors`); empty on ranks > 0."""
+def iter_model_tensors(model: nn.Module, is_rank_zero: bool
+                       ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """The model's ``(key, CPU tensor)`` entries, gathered from shards under FSDP one tensor
+    at a time (:func:`~fastrm.training.distributed.iter_full_tensors`); ``None`` tensors on
+    ranks > 0."""
     from fastrm.training.distributed import iter_full_tensors
 
-    return {k: v for k, v in iter_full_tensors(model, is_rank_zero) if v is not None}
+    return iter_full_tensors(model, is_rank_zero)
 
 
 # ---------------------------------------------------------------------- files
@@ -109,18 +111,32 @@ class ModelWriter:
         check_conversion(model_sd, self.hf_config)
         choose_pad_token(self.tokenizer)
 
-    def write(self, out: Path, model_sd: dict[str, torch.Tensor], stats: dict[str, Any]) -> None:
-        """The reward model files into the folder ``out`` (the caller makes the folder atomic)."""
-        from fastrm.hf.export import merge_lora, write_hf_directory
+    def write(self, out: Path, tensors: Iterable[tuple[str, Optional[torch.Tensor]]],
+              stats: dict[str, Any], is_rank_zero: bool = True) -> None:
+        """The reward model files into the folder ``out`` (the caller makes the folder atomic).
+        ``tensors``: the model's ``(key, tensor)`` stream, :func:`iter_model_tensors`; every
+        rank must call this (under FSDP each sharded entry is a collective), only rank 0
+        writes. An HF export is converted and written one decoder layer at a time into
+        bounded safetensors shards (:func:`fastrm.hf.export.write_hf_directory`), so rank 0
+        never holds the full model; the fastrm-format file is one safetensors file, assembled
+        on rank 0."""
+        if not is_rank_zero:
+            for _ in tensors:  # take part in each gather
+                pass
+            return
+        from fastrm.hf.export import iter_layers, merge_lora, write_hf_directory
 
-        sd = merge_lora(model_sd, self.lora_rank, self.lora_alpha)
         if not self.hf:
+            sd: dict[str, torch.Tensor] = {}
+            for group in iter_layers(tensors):
+                sd.update(merge_lora(group, self.lora_rank, self.lora_alpha))
             save_file({k: v.contiguous() for k, v in sd.items()}, str(out / MODEL_FILE),
                       metadata={"format": "pt"})
             return
-        write_hf_directory(out, sd, self.hf_config, self.tokenizer,
+        write_hf_directory(out, tensors, self.hf_config, self.tokenizer,
                            reward_mean=stats.get("reward_mean"), reward_std=stats.get("reward_std"),
-                           generation_config=self.generation_config)
+                           generation_config=self.generation_config,
+                           lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
 
 
 def save_reward_stats(out: Path, stats: dict[str, Any], step: int) -> None:

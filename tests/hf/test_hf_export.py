@@ -153,7 +153,7 @@ def test_torchtune_reward_checkpointer_reads_the_export(family, exported, tmp_pa
 def test_sharded_export_loads_everywhere(exported, tmp_path):
     src, _, model = exported("qwen2")
     out = export_reward_model(tmp_path / "sharded", model, read_config(src), HFChatTokenizer(src),
-                              max_shard_bytes=40_000)
+                              max_shard_size=40_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2 and not (out / "model.safetensors").exists()
     ids = [[5, 9, 33, 2], [7, 7, 40]]
