@@ -8,9 +8,11 @@ they were. It holds
 * the reward model (:class:`ModelWriter`, LoRA adapters merged): when the base model came from
   an HF directory (the checkpointer's ``checkpoint_dir`` has a ``config.json``), a standard HF
   reward model (:mod:`fastrm.hf.export`: ``config.json`` with
-  ``<Family>ForSequenceClassification``, ``model.safetensors`` with ``score.weight``, the
-  tokenizer files); otherwise ``reward_model.safetensors`` (fastrm's ``decoder.*`` /
-  ``head.weight`` keys);
+  ``<Family>ForSequenceClassification``, ``model.safetensors`` with ``score.weight``, or
+  shards + ``model.safetensors.index.json`` above the config's ``max_shard_size``, default
+  "5GB"; converted and written one layer at a time as the tensors are gathered, so rank 0
+  never holds the full model; the tokenizer files); otherwise ``reward_model.safetensors``
+  (fastrm's ``decoder.*`` / ``head.weight`` keys);
 * ``reward_stats.json``: reward mean/std on the validation split, to normalize rewards (also in
   ``config.json`` as OpenRLHF's ``mean`` / ``std``);
 * ``training_state/``: the resumable state, sharded with torch.distributed.checkpoint
@@ -70,6 +72,10 @@ class ModelWriter:
         self.hf_config: Optional[dict] = None
         self.tokenizer = None
         self.generation_config: Optional[Path] = None
+        from fastrm.hf.export import MAX_SHARD_SIZE, parse_shard_size
+
+        #: the config's ``max_shard_size`` (bytes or "5GB"-like; checked here, before training)
+        self.max_shard_size = parse_shard_size(cfg.get("max_shard_size", None) or MAX_SHARD_SIZE)
         src = getattr(checkpointer, "_checkpoint_dir", None)
         if src is None or not (Path(src) / "config.json").is_file():
             return
@@ -136,7 +142,7 @@ class ModelWriter:
         write_hf_directory(out, tensors, self.hf_config, self.tokenizer,
                            reward_mean=stats.get("reward_mean"), reward_std=stats.get("reward_std"),
                            generation_config=self.generation_config,
-                           lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+                           max_shard_size=self.max_shard_size, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
 
 
 def save_reward_stats(out: Path, stats: dict[str, Any], step: int) -> None:

@@ -30,6 +30,7 @@ OPTIONAL = (
     "save_every_n_steps", "save_final_checkpoint", "resume_from_checkpoint", "metric_logger",
     "log_every_n_steps", "trainable", "eval_every_n_steps", "eval_max_steps", "attention_backend",
     "fsdp_reshard_after_forward", "num_threads", "cross_prompt", "data_cache_dir", "dataloader",
+    "max_shard_size",
 )
 
 #: keys of the plain (non-component) sections, as the recipe reads them

@@ -77,9 +77,23 @@ def resume_copy(tmp_path: Path, src: str, dst: str, tag: str = "step_4") -> None
     (tmp_path / dst / "latest").symlink_to(tag)
 
 
+def hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an exported HF directory, single file or shards (as its index lists)."""
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    out = {}
+    for f in files:
+        out.update(load_file(str(directory / f)))
+    return out
+
+
 def check_resume(tmp_path: Path, save_world: int, load_world: int) -> None:
     want = run(cfg_for(tmp_path, "one", 1), 1)
-    saver = run(cfg_for(tmp_path, "saver", save_world), save_world)
+    # the saver writes its HF reward models in shards (max_shard_size), gathered tensor by tensor
+    saver = run(cfg_for(tmp_path, "saver", save_world, max_shard_size="40KB"), save_world)
     assert (tmp_path / "saver" / "step_4" / "training_state" / ".metadata").exists()
     assert len(list((tmp_path / "saver" / "step_4" / "training_state").glob("*.distcp"))) == save_world
     resume_copy(tmp_path, "saver", "resumed")
@@ -91,11 +105,12 @@ def check_resume(tmp_path: Path, save_world: int, load_world: int) -> None:
     torch.testing.assert_close(loss(got), loss(want), rtol=1e-4, atol=1e-5)
     assert loss(want)[-1] != loss(want)[0]
     # the final HF reward models (gathered onto rank 0 one tensor at a time) agree too
-    from safetensors.torch import load_file
-
-    ref = load_file(str(tmp_path / "one" / "epoch_1" / "model.safetensors"))
+    assert len(json.loads((tmp_path / "saver" / "epoch_1" / "model.safetensors.index.json")
+                          .read_text())["weight_map"]) > 0
+    assert not (tmp_path / "saver" / "epoch_1" / "model.safetensors").exists()
+    ref = hf_weights(tmp_path / "one" / "epoch_1")
     for run_dir in ("saver", "resumed"):
-        got_sd = load_file(str(tmp_path / run_dir / "epoch_1" / "model.safetensors"))
+        got_sd = hf_weights(tmp_path / run_dir / "epoch_1")
         assert set(got_sd) == set(ref) and "score.weight" in ref
         for k, v in ref.items():
             torch.testing.assert_close(got_sd[k], v, rtol=1e-4, atol=1e-5, msg=f"{run_dir}: {k}")
@@ -122,3 +137,32 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
     recipe = RewardModelRecipe(cfg)
     with pytest.raises(ValueError, match=r"took 2 packed rows.*set packing.rows_per_step=2"):
         recipe.setup(cfg)
+
+
+def test_max_shard_size_key(tmp_path):
+    """``max_shard_size``: the exported HF reward model is sharded as transformers shards it and
+    holds the trained model's weights; a bad value fails at setup, before training."""
+    import transformers
+
+    from fastrm.hf.families import to_hf
+
+    cfg = cfg_for(tmp_path, "sharded", 1, max_shard_size=30_000, epochs=1, max_steps_per_epoch=1,
+                  save_every_n_steps=None, validation_dataset=None)
+    recipe = RewardModelRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.cleanup()
+    out = tmp_path / "sharded" / "epoch_0"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    want = to_hf({k: v.detach() for k, v in recipe.model.state_dict().items()},
+                 json.loads((tmp_path / "base" / "config.json").read_text()))
+    got = hf_weights(out)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].contiguous()) for k in want)
+    _, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    bad = cfg_for(tmp_path, "bad", 1, max_shard_size="lots")
+    with pytest.raises(ValueError, match="max_shard_size='lots'"):
+        RewardModelRecipe(bad).setup(bad)
