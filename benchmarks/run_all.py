@@ -15,7 +15,12 @@ others still run):
    long-tailed, uniform, long/short-prompt, K-responses and qa-feedback data, two model sizes;
 6. ``plots.py``: PNGs from the end-to-end JSON.
 
-(``bench_trl.py``, the head-to-head with TRL, needs the ``bench`` extra and runs on its own.)
+These run on their own (each minutes to an hour, each documented in ``benchmarks/README.md``):
+``bench_trl.py`` (the head-to-head with TRL; the ``bench`` extra), ``bench_score.py`` (``fastrm
+score`` / ``serve`` vs transformers' padded scorer), ``bench_quality.py`` (held-out accuracy of
+each loss option), ``bench_fsdp_memory.py`` (peak RSS per rank, 1 vs 2 ranks),
+``bench_data_prep.py`` (time to first step with and without the data cache) and
+``bench_memory_plan.py`` (``fastrm plan`` against a measured run).
 
 Then ``results/summary.json`` (the latest run, quick or full; machine, every step's status, wall time and output files, the
 headline numbers) and ``results/summary.md`` (Markdown tables for the README). On a CUDA machine

@@ -174,15 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output-dir", default=None)
     pr.add_argument("--force", action="store_true")
     pr.set_defaults(func=_cmd_prepare)
-    for name, module, func in (("plan", "fastrm.training.memory_plan", "main"),
-                               ("init", "fastrm.hf.init", "main"),
-                               ("generate", "fastrm.judge.cli", "main_generate"),
-                               ("judge", "fastrm.judge.cli", "main_judge"),
-                               ("decompose", "fastrm.decompose.cli", "main"),
-                               ("score", "fastrm.inference.cli", "main_score"),
-                               ("eval", "fastrm.inference.cli", "main_eval"),
-                               ("serve", "fastrm.inference.cli", "main_serve")):
-        p = sub.add_parser(name, help=f"{name} (see --help)", add_help=False)
+    # delegated commands parse their own arguments (`fastrm NAME --help`)
+    for name, module, func, what in (
+            ("plan", "fastrm.training.memory_plan", "main", "per-rank memory plan of a config on N GPUs"),
+            ("init", "fastrm.hf.init", "main", "a training config for an HF model directory"),
+            ("generate", "fastrm.judge.cli", "main_generate", "many responses per prompt from several models"),
+            ("judge", "fastrm.judge.cli", "main_judge", "LLM-as-judge labelling -> chosen/rejected/margin"),
+            ("decompose", "fastrm.decompose.cli", "main", "PCA basis reward heads (decomposed reward models)"),
+            ("score", "fastrm.inference.cli", "main_score", "rewards of rows (packed, prompt computed once)"),
+            ("eval", "fastrm.inference.cli", "main_eval", "pairwise accuracy, RewardBench sections"),
+            ("serve", "fastrm.inference.cli", "main_serve", "HTTP reward server (OpenRLHF /get_reward, /score)")):
+        p = sub.add_parser(name, help=f"{what} (fastrm {name} --help)", add_help=False)
         p.set_defaults(func=_delegate(module, func))
     return parser
 

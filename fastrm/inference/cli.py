@@ -15,7 +15,6 @@ import argparse
 import importlib
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -150,7 +149,7 @@ def main_eval(argv: Optional[Sequence[str]] = None) -> int:
 
     scorer = load_scorer(args)
     data = load_eval_data(args.data, scorer.tokenizer, _parse_data_args(args.data_arg))
-    metrics = _run(evaluate_pairs, scorer, data, return_scores=True)
+    metrics = _run(evaluate_pairs, scorer, data, return_scores=True, progress=True)
     scores = metrics.pop("scores")
     print(format_table(metrics))
     if args.output_dir:
@@ -180,6 +179,3 @@ def main_serve(argv: Optional[Sequence[str]] = None) -> int:
     serve(scorer, host=args.host, port=args.port, max_wait_ms=args.max_wait_ms)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main_score())

@@ -49,22 +49,36 @@ def pair_groups(rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> list[Prefe
     return list(ds.groups)
 
 
-def score_pairs(scorer, groups: Sequence[PreferenceGroup]) -> dict[str, list]:
+def score_pairs(scorer, groups: Sequence[PreferenceGroup], progress: bool = False
+                ) -> dict[str, list]:
     """Scores every comparison of ``groups``: ``{"chosen": [P], "rejected": [P], "category":
-    [P], "row": [P]}`` (rewards normalized when the scorer normalizes)."""
-    chosen: list[float] = []
-    rejected: list[float] = []
-    category: list[str] = []
-    row: list[Any] = []
-    rewards = scorer.score_groups(groups)
-    for g, r in zip(groups, rewards):
-        r = scorer.normalized(r)
-        for i, j, _ in g.comparisons:
-            chosen.append(r[i])
-            rejected.append(r[j])
-            category.append(g.category or "")
-            row.append(g.source_index)
-    return {"chosen": chosen, "rejected": rejected, "category": category, "row": row}
+    [P], "row": [P]}`` (rewards normalized when the scorer normalizes). Groups are scored in
+    chunks of about ``scorer.chunk_tokens`` tokens (a progress bar in pairs with ``progress``)."""
+    from tqdm.auto import tqdm
+
+    from fastrm.data.batch import shares_prefix
+
+    out: dict[str, list] = {"chosen": [], "rejected": [], "category": [], "row": []}
+    bar = tqdm(total=sum(len(g.comparisons) for g in groups), unit="pair", desc="evaluating",
+               disable=not progress, dynamic_ncols=True)
+    chunk: list[PreferenceGroup] = []
+    tokens = 0
+    for n, g in enumerate(groups):
+        chunk.append(g)
+        tokens += g.num_tokens(shares_prefix(g, True))
+        if tokens < scorer.chunk_tokens and n + 1 < len(groups):
+            continue
+        for cg, r in zip(chunk, scorer.score_groups(chunk)):
+            r = scorer.normalized(r)
+            for i, j, _ in cg.comparisons:
+                out["chosen"].append(r[i])
+                out["rejected"].append(r[j])
+                out["category"].append(cg.category or "")
+                out["row"].append(cg.source_index)
+            bar.update(len(cg.comparisons))
+        chunk, tokens = [], 0
+    bar.close()
+    return out
 
 
 def _stats(x: np.ndarray) -> dict[str, float]:
@@ -116,18 +130,19 @@ def pair_metrics(chosen: Sequence[float], rejected: Sequence[float],
     return out
 
 
-def evaluate_pairs(scorer, data, *, return_scores: bool = False) -> dict[str, Any]:
+def evaluate_pairs(scorer, data, *, return_scores: bool = False,
+                   progress: bool = False) -> dict[str, Any]:
     """Pairwise accuracy, per-category accuracy, margin statistics and (RewardBench data) the
     section scores of ``scorer`` on ``data``: preference rows (dicts) or a sequence of
     :class:`PreferenceGroup` (a fastrm dataset). With ``return_scores`` the result also holds
-    ``"scores"``: the per-comparison rewards of :func:`score_pairs`."""
+    ``"scores"``: the per-comparison rewards of :func:`score_pairs`; ``progress`` shows a bar."""
     items = [data[i] for i in range(len(data))]
     if items and all(isinstance(x, PreferenceGroup) for x in items):
         groups = items
     else:
         groups = pair_groups(items, scorer.tokenizer)
     groups = [g for g in groups if g.comparisons]
-    scores = score_pairs(scorer, groups)
+    scores = score_pairs(scorer, groups, progress)
     out = pair_metrics(scores["chosen"], scores["rejected"], scores["category"])
     if return_scores:
         out["scores"] = scores

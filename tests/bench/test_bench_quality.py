@@ -123,10 +123,13 @@ def test_held_out_scorer_agrees_with_the_full_packed_forward():
         with torch.no_grad():  # the top layer and head train: the cache must not hide that
             for p in [*model.decoder.layers[2].parameters(), model.head.weight]:
                 p.mul_(1.3)
-    with torch.no_grad():
-        model.decoder.layers[0].attn.q_proj.weight.add_(0.01)
-    with pytest.raises(RuntimeError, match="frozen layers differ"):
-        scorer.score(model)
+    cached = scorer._cache
+    with torch.no_grad():  # a different frozen trunk (another random init): the cache is rebuilt
+        model.decoder.layers[0].attn.q_proj.weight.add_(0.05)
+        ref = torch.cat([model.rewards(b) for b in scorer.batches])
+    _, rewards = scorer.score(model)
+    assert scorer._cache is not cached
+    torch.testing.assert_close(rewards, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_held_out_rewards_match_the_padded_forward_of_each_sequence():
@@ -194,3 +197,26 @@ def test_summary_pairs_each_setting_with_the_reference_seed_by_seed():
     assert delta["half_width"] == pytest.approx(4.3027 * 0.1 / math.sqrt(3), rel=1e-6)
     assert rows["margins"]["accuracy"]["mean"] == pytest.approx(0.8)
     assert rows["margins"]["seeds"] == [0, 1, 2]
+
+
+def test_options_two_seeds_and_missing_shared_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRM_SHARED_DATA", str(tmp_path / "nowhere"))
+    assert bq.main(["--mode", "quick", "--suites", "qa_feedback,synthetic_k4", "--settings",
+                    "grouped,independent_pairs", "--seeds", "2", "--steps", "1", "--threads", "1",
+                    "--name", "two", "--out-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "two.json").read_text())
+    assert "no data at" in report["not_applicable"]["qa_feedback"]
+    assert sorted((r["setting"], r["seed"], r["steps"]) for r in report["runs"]) == [
+        ("grouped", 0, 1), ("grouped", 1, 1),
+        ("independent_pairs", 0, 1), ("independent_pairs", 1, 1)]
+    for row in report["summary"]:
+        assert row["seeds"] == [0, 1] and row["accuracy"]["half_width"] is not None
+        if row["setting"] == "grouped":
+            acc = {(r["setting"], r["seed"]): r["held_out"][row["held_out"]]["accuracy"]
+                   for r in report["runs"]}
+            paired = [acc[("grouped", s)] - acc[("independent_pairs", s)] for s in (0, 1)]
+            assert row["accuracy_vs_reference"]["mean"] == pytest.approx(sum(paired) / 2)
+    with pytest.raises(SystemExit, match="unknown setting"):
+        bq.main(["--mode", "quick", "--settings", "bradley", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown suite"):
+        bq.main(["--mode", "quick", "--suites", "hh_rlhf", "--out-dir", str(tmp_path)])

@@ -55,8 +55,8 @@ def test_pair_metrics_by_hand():
 
 def test_rewardbench_fixture_against_reference(chatml_model, chatml_tok):
     rows = read_rows(FIXTURE)
-    scorer = RewardScorer(chatml_model, chatml_tok, batch_tokens=256)
-    m = evaluate_pairs(scorer, rows, return_scores=True)
+    scorer = RewardScorer(chatml_model, chatml_tok, batch_tokens=256, chunk_tokens=200)
+    m = evaluate_pairs(scorer, rows, return_scores=True, progress=True)  # several chunks
     conv = []
     for r in rows:
         for k in ("chosen", "rejected"):

@@ -119,3 +119,23 @@ def test_two_nodes_on_loopback_reproduce_one_process(tmp_path, free_port):
     two, ref = _logged_losses(tmp_path / "two"), _logged_losses(tmp_path / "one")
     assert len(two) == len(ref) == 3
     torch.testing.assert_close(torch.tensor(two), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_top_level_help_describes_every_command_and_each_delegate_has_its_own_help(capsys):
+    from fastrm import cli
+
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "see --help" not in text
+    for name in ("ls", "cp", "train", "prepare", "plan", "init", "generate", "judge",
+                 "decompose", "score", "eval", "serve"):
+        assert f"\n    {name} " in text, name
+    # a delegated command's --help reaches the command's own parser (it exits 0 with a usage)
+    for name in ("plan", "init", "score", "eval", "serve"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([name, "--help"])
+        assert exc.value.code == 0
+        assert f"usage: fastrm {name}" in capsys.readouterr().out, name
