@@ -19,7 +19,7 @@ from fastrm.hf import HFCheckpointer, check_conversion, choose_pad_token, export
 from fastrm.hf.families import build_decoder, family_for, read_config
 from fastrm.models import RewardModel, load_base_weights
 from fastrm.models.tokenizer import HFChatTokenizer
-from fixtures.hf_models import FAMILIES, build_model_dir
+from fixtures.hf_models import FAMILIES, build_model_dir, lora_llama_reward_model
 from fixtures.hf_tokenizers import FAMILIES as TOKENIZER_FAMILIES, build_tokenizer_dir, conversations
 
 transformers = pytest.importorskip("transformers")  # dev extra: the reference
@@ -165,19 +165,7 @@ def test_sharded_export_loads_everywhere(exported, tmp_path):
 def test_export_merges_lora(tmp_path):
     """A LoRA reward model (torchtune's lora_llama3 builder, adapters trained to non-zero) exports
     with the adapters merged: transformers' reward equals fastrm's."""
-    from fastrm.models import lora_reward_model
-
-    src = build_model_dir("llama", tmp_path / "base", dims=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
-    cfg = read_config(src)
-    model = lora_reward_model("torchtune.models.llama3._component_builders.lora_llama3",
-                              lora_rank=4, lora_alpha=8.0, vocab_size=cfg["vocab_size"], num_layers=2,
-                              num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=256,
-                              intermediate_dim=96, norm_eps=1e-6, rope_base=10000)
-    load_base_weights(model, HFCheckpointer(str(src)).load_checkpoint()["model"])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n or n == "head.weight":
-                p.normal_(0, 0.3)
+    src, cfg, model = lora_llama_reward_model(tmp_path / "base")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = export_reward_model(tmp_path / "rm", model, cfg, HFChatTokenizer(src), lora_rank=4, lora_alpha=8.0)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model untouched

@@ -22,7 +22,7 @@ from fastrm.hf.export import ShardWriter, parse_shard_size, write_hf_directory
 from fastrm.hf.families import build_decoder, read_config, to_hf
 from fastrm.models import RewardModel, load_base_weights
 from fastrm.models.tokenizer import HFChatTokenizer
-from fixtures.hf_models import build_model_dir
+from fixtures.hf_models import build_model_dir, lora_llama_reward_model
 
 transformers = pytest.importorskip("transformers")  # dev extra: the reference
 
@@ -145,21 +145,7 @@ def test_streamed_lora_merge_equals_whole_state_dict_merge(tmp_path):
     dict converted at once."""
     from torchtune.modules.peft import get_merged_lora_ckpt
 
-    from fastrm.models import lora_reward_model
-
-    src = build_model_dir("llama", tmp_path / "base",
-                          dims=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
-    cfg = read_config(src)
-    model = lora_reward_model("torchtune.models.llama3._component_builders.lora_llama3",
-                              lora_rank=4, lora_alpha=8.0, vocab_size=cfg["vocab_size"], num_layers=2,
-                              num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=256,
-                              intermediate_dim=96, norm_eps=1e-6, rope_base=10000)
-    load_base_weights(model, HFCheckpointer(str(src)).load_checkpoint()["model"])
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n or n == "head.weight":
-                p.normal_(0, 0.3)
+    src, cfg, model = lora_llama_reward_model(tmp_path / "base", seed=3)
     whole = {k: v.clone() for k, v in model.state_dict().items()}
     want = to_hf(get_merged_lora_ckpt(whole, rank=4, alpha=8.0), cfg)
     out = export_reward_model(tmp_path / "rm", model, cfg, HFChatTokenizer(src), lora_rank=4,
