@@ -156,7 +156,8 @@ class LocalBackend:
             ``load_checkpoint()["model"]`` state dict is loaded into ``model``.
         name (str): the model name written into every output row.
         device (str): torch device.
-        dtype (str): ``"fp32"`` / ``"bf16"`` / ``"fp16"``; weights and KV cache use it.
+        dtype (str): ``"auto"`` / ``"fp32"`` / ``"bf16"`` / ``"fp16"``; weights and KV cache
+            use it (``auto`` as in training: :func:`fastrm.training.dtype.resolve_dtype`).
         max_batch_size (int): rows decoded together; larger requests are split.
         max_seq_len (Optional[int]): prompt + new tokens limit (default: the model's
             ``max_seq_len``). A longer request fails (``finish_reason="error"``), it is never
@@ -180,16 +181,16 @@ class LocalBackend:
         max_seq_len: Optional[int] = None,
         prefill_chunk_size: int = 256,
     ) -> None:
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        if dtype not in dtypes:
-            raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+        from fastrm.training.dtype import resolve_dtype
+
+        resolved = resolve_dtype(dtype, device)  # the one resolver; unknown names are errors
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
         self.name = name
         self.device = torch.device(device)
-        self.dtype = dtypes[dtype]
+        self.dtype = resolved
         model = _maybe_instantiate(model)
         checkpointer = _maybe_instantiate(checkpointer)
         if checkpointer is not None:

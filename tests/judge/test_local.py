@@ -154,3 +154,18 @@ def test_smollm2_generates_real_text(smollm2_backend):
     assert alone == [c.text for c in out]
     sampled = be.generate([GenerationRequest(_msgs(qs[0]), SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=24), seed=s) for s in range(4)])
     assert len({c.text for c in sampled}) > 1
+
+
+def test_dtype_names_resolve_like_training(tiny_model, tokenizer, monkeypatch):
+    import copy
+
+    from fastrm.training import dtype as dtype_mod
+
+    for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(dtype_mod, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        be = LocalBackend(copy.deepcopy(tiny_model), tokenizer, dtype="auto")
+        assert be.dtype == want
+        assert next(be.model.parameters()).dtype == want
+    assert LocalBackend(copy.deepcopy(tiny_model), tokenizer, dtype="fp16").dtype == torch.float16
+    with pytest.raises(ValueError, match="not known"):
+        LocalBackend(copy.deepcopy(tiny_model), tokenizer, dtype="fp8")
