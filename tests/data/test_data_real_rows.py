@@ -58,14 +58,12 @@ def test_empty_responses_kept_counted_and_trained(tok, fixtures):
 
 @pytest.fixture(scope="module")
 def chatml_dir(tmp_path_factory):
-    pytest.importorskip("transformers")  # the fixture is written with save_pretrained (dev extra)
     from fixtures.hf_tokenizers import build_tokenizer_dir
     return build_tokenizer_dir("smollm2", tmp_path_factory.mktemp("tok") / "smollm2")
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    pytest.importorskip("transformers")
     from fixtures.hf_tokenizers import build_tokenizer_dir
     return build_tokenizer_dir("llama3", tmp_path_factory.mktemp("tok") / "llama3")
 

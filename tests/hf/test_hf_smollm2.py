@@ -12,8 +12,6 @@ from fastrm.recipes.reward_model import RewardModelRecipe
 
 from fixtures.hf_models import check_hf_rewards
 
-pytest.importorskip("transformers")  # dev extra: the reference
-
 CONFIG = Path(__file__).resolve().parents[2] / "fastrm" / "recipes" / "configs" / "smollm2_135m_synthetic.yaml"
 
 

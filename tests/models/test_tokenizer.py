@@ -176,7 +176,7 @@ def test_prepared_dir_carries_the_gguf_chat_template(tok, gguf_meta, smollm2_dir
 
 def test_token_ids_equal_apply_chat_template_on_real_files(tok, smollm2_dir):
     """The real SmolLM2 vocabulary: fastrm's ids == transformers' on the prepared directory."""
-    transformers = pytest.importorskip("transformers")  # dev extra: the reference
+    import transformers  # the reference (dev extra, installed by make test)
     hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
     convs = [[{"role": r, "content": c} for r, c in conv] for conv in CONVERSATIONS] + conversations(seed=7)
     for conv in convs:

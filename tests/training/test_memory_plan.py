@@ -329,7 +329,7 @@ def test_unknown_optimizer_is_measured():
 @pytest.mark.parametrize("numel_shape", [(64, 64), (128, 256)])
 def test_adamw8bit_rule_matches_a_real_step(numel_shape):
     """torchao compiles its step (about a minute on this CPU): slow."""
-    pytest.importorskip("torchao")
+    import torchao  # noqa: F401  (a torchtune dependency)
     cfg = OmegaConf.create({"_component_": "torchao.optim.AdamW8bit", "lr": 1e-3})
     n = math.prod(numel_shape)
     rule = optimizer_state_layout(cfg, torch.bfloat16, n)
