@@ -33,5 +33,9 @@ def test_qa_feedback_config_loads_every_pair(shared_data):
     assert sum(g.num_comparisons for g in ds) == 2104  # the train split, none dropped
     assert ds.stats["comparisons_dropped_too_long"] == 0
     data = StepData(ds, cfg.packing, world_size=1, rank=0, seed=0, train=True)
-    assert data.packed.epoch_fill_rate > 0.9
+    # a unit is a whole question (its prompt once, all its answers: ~1-4k tokens here), so rows
+    # fill less evenly than single pairs would (0.80 against 0.95); nothing is padded (a step is
+    # one flat [1, T] row), so fill only sets how evenly the steps are sized
+    assert data.packed.epoch_fill_rate > 0.75
+    assert data.packed.stats.split_groups == 0  # every question fits a row whole
     assert data.packed.stats.prompt_tokens_saved > 0
