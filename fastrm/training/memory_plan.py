@@ -15,10 +15,11 @@ applied, and the bytes each of ``N`` ranks holds are computed:
   config names (:func:`optimizer_state_layout`): ``torch.optim.AdamW`` / ``Adam`` keep
   ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype (plus ``max_exp_avg_sq`` with
   ``amsgrad``) and a 4-byte fp32 ``step`` per tensor; ``torchao.optim.AdamW8bit`` keeps both
-  states as uint8 codes plus one fp32 scale per ``block_size`` elements (tensors under
-  ``min_quant_size`` elements stay in the parameter's dtype); ``torch.optim.SGD`` keeps a
-  momentum buffer when ``momentum > 0``. Other optimizers are measured by one step on a small
-  CPU tensor of the training dtype.
+  states as uint8 codes plus one fp32 scale per ``block_size`` elements and a 256-entry fp32
+  code book (a local shard under 4096 elements, or not a whole number of blocks, stays in the
+  parameter's dtype); ``torch.optim.SGD`` keeps a
+  momentum buffer when ``momentum > 0``. Other optimizers are measured by one step on two small
+  CPU tensors of the training dtype (:func:`probe_optimizer_state`).
 * **FSDP buffers** (``N > 1``): the root unit (embeddings, final norm, head) stays gathered
   from the forward to the end of the backward, a layer is gathered while the next one is
   prefetched, and one layer's full gradients exist before their reduce-scatter:
@@ -246,21 +247,38 @@ def optimizer_state_layout(optimizer_cfg: DictConfig, dtype: torch.dtype,
         return float(states * s), FP32  # exp_avg(, max_exp_avg_sq), exp_avg_sq; fp32 step
     if path == "torch.optim.SGD":
         return (float(s) if float(optimizer_cfg.get("momentum", 0) or 0) > 0 else 0.0), 0
-    if path.startswith("torchao.optim.") and name in ("AdamW8bit", "Adam8bit"):
-        if numel < int(optimizer_cfg.get("min_quant_size", 4096)):
-            return float(2 * s), FP32
+    if (path.startswith("torchao.optim.") and name in ("AdamW8bit", "Adam8bit")
+            and not optimizer_cfg.get("amsgrad", False)):  # amsgrad: measured (probe)
+        states = 2
         block = int(optimizer_cfg.get("block_size", 256))
+        # torchao quantizes a state only when the (local) tensor has >= 4096 elements and a
+        # whole number of blocks; it keeps the others in the parameter's dtype
+        if numel < 4096 or numel % block:
+            return float(states * s), FP32
         # uint8 codes + one fp32 scale per block, and a 256-entry fp32 code book per state
-        return 2 * (1.0 + FP32 / block), FP32 + 2 * 256 * FP32
+        return states * (1.0 + FP32 / block), FP32 + states * 256 * FP32
     return probe_optimizer_state(optimizer_cfg, dtype)
 
 
 def probe_optimizer_state(optimizer_cfg: DictConfig, dtype: torch.dtype,
                           shape: Sequence[int] = (64, 64)) -> tuple[float, int]:
     """Measures ``(bytes per element, bytes per tensor)`` of the optimizer state: one step of
-    the configured optimizer on a CPU parameter of ``shape`` in ``dtype``; state tensors of
-    the parameter's size count per element, the rest (step counters) per tensor. Tensor
-    subclasses (quantized states) count their inner tensors."""
+    the configured optimizer on a CPU parameter of ``shape`` in ``dtype`` and one on a
+    parameter twice that size, and the line ``bytes = per_element * numel + per_tensor``
+    through the two. A fit rather than a split by tensor size, because a quantized state is
+    one tensor subclass whose inner tensors mix both kinds (torchao's ``AdamW8bit``: codes and
+    block scales grow with the parameter, its 256-entry code book does not). Tensor
+    subclasses count their inner tensors."""
+    shape = tuple(int(d) for d in shape)
+    n1, b1 = math.prod(shape), _state_bytes_after_one_step(optimizer_cfg, dtype, shape)
+    big = (2 * shape[0],) + shape[1:]
+    n2, b2 = math.prod(big), _state_bytes_after_one_step(optimizer_cfg, dtype, big)
+    per_element = (b2 - b1) / (n2 - n1)
+    return per_element, int(round(b1 - per_element * n1))
+
+
+def _state_bytes_after_one_step(optimizer_cfg: DictConfig, dtype: torch.dtype,
+                                shape: tuple[int, ...]) -> int:
     from torchtune import config
 
     p = nn.Parameter(torch.zeros(*shape, dtype=dtype))
@@ -272,16 +290,7 @@ def probe_optimizer_state(optimizer_cfg: DictConfig, dtype: torch.dtype,
         cfg.pop("fused", None)
         opt = config.instantiate(OmegaConf.create(cfg), [p])
     opt.step()
-    per_element, per_tensor = 0.0, 0
-    for value in opt.state[p].values():
-        if not isinstance(value, torch.Tensor):
-            continue
-        nbytes = _tensor_bytes(value)
-        if value.numel() == p.numel():
-            per_element += nbytes / p.numel()
-        else:
-            per_tensor += nbytes
-    return per_element, per_tensor
+    return sum(_tensor_bytes(v) for v in opt.state[p].values() if isinstance(v, torch.Tensor))
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

@@ -326,11 +326,16 @@ def test_unknown_optimizer_is_measured():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("numel_shape", [(64, 64), (128, 256)])
-def test_adamw8bit_rule_matches_a_real_step(numel_shape):
+@pytest.mark.parametrize("numel_shape,extra", [
+    ((64, 64), {}),                   # 4096 elements: quantized
+    ((128, 256), {"block_size": 128}),  # a smaller block: more scales
+    ((63, 65), {}),                   # 4095: kept in bf16
+    ((80, 100), {}),                  # 8000, not a whole number of 256-blocks: kept in bf16
+])
+def test_adamw8bit_rule_matches_a_real_step(numel_shape, extra):
     """torchao compiles its step (about a minute on this CPU): slow."""
     import torchao  # noqa: F401  (a torchtune dependency)
-    cfg = OmegaConf.create({"_component_": "torchao.optim.AdamW8bit", "lr": 1e-3})
+    cfg = OmegaConf.create({"_component_": "torchao.optim.AdamW8bit", "lr": 1e-3, **extra})
     n = math.prod(numel_shape)
     rule = optimizer_state_layout(cfg, torch.bfloat16, n)
     probe = probe_optimizer_state(cfg, torch.bfloat16, numel_shape)
