@@ -87,7 +87,8 @@ def torchrun_command(args: argparse.Namespace, cfg: Path, overrides: Sequence[st
     ``--rdzv_endpoint HOST:PORT`` through torchrun's c10d rendezvous; ``--node_rank 0`` is the
     node that hosts the rendezvous store (run it on HOST: ``is_host`` in ``--rdzv_conf``, so
     no hostname guessing is involved). torchrun's c10d rendezvous numbers the global ranks
-    itself; every node must run the same command apart from ``--node_rank``.
+    itself; every node must run the same command apart from ``--node_rank``. One node with
+    several processes runs ``--standalone`` (a rendezvous on a free local port).
     """
     module = f"fastrm.recipes.{RECIPES[args.recipe][0][:-3]}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
@@ -96,6 +97,8 @@ def torchrun_command(args: argparse.Namespace, cfg: Path, overrides: Sequence[st
         cmd += ["--nnodes", str(args.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint",
                 args.rdzv_endpoint, "--rdzv_id", args.rdzv_id,
                 "--rdzv_conf", f"is_host={int(args.node_rank == 0)}"]
+    elif args.nproc_per_node > 1:  # one node: a free local port, so two runs never collide on 29500
+        cmd += ["--standalone"]
     return [*cmd, "-m", module, "--config", str(cfg), *overrides]
 
 

@@ -73,7 +73,9 @@ def test_multi_node_torchrun_command_line():
             "--rdzv_id", "job7", "--rdzv_conf", f"is_host={int(rank == 0)}",
             "-m", "fastrm.recipes.reward_model", "--config", str(cfg), "max_steps_per_epoch=3"]
     args, rest = _train_args("--nproc_per_node", "2")
-    assert torchrun_command(args, cfg, rest)[3:6] == ["--nproc_per_node", "2", "-m"]
+    assert torchrun_command(args, cfg, rest)[3:7] == ["--nproc_per_node", "2", "--standalone", "-m"]
+    args, rest = _train_args("--nproc_per_node", "1")
+    assert torchrun_command(args, cfg, rest)[3:6] == ["--nproc_per_node", "1", "-m"]
     args, _ = _train_args("--nnodes", "2", "--rdzv-endpoint", "h:1", "--node-rank", "1", "--rdzv-id", "x")
     assert (args.nnodes, args.rdzv_endpoint, args.node_rank, args.rdzv_id) == (2, "h:1", 1, "x")
     assert _train_args()[0].rdzv_id == "fastrm"
