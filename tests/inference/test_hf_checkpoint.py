@@ -220,4 +220,5 @@ def test_serve_cli_equals_score(chatml_rm_dir, tmp_path):
         assert health["status"] == "ok" and health["requests"] >= len(rows)
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]

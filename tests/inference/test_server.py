@@ -137,6 +137,7 @@ def test_sigterm_finishes_requests_in_flight(server_proc):
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)  # the request waits in the batcher (max_wait 200 ms)
     t.join(30)
-    assert proc.wait(timeout=30) == 0
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-3000:]
     assert results and results[0][0] == 200 and len(results[0][1]["rewards"][0]) == 2
-    assert "stopped" in proc.stdout.read()
+    assert "stopped" in out
