@@ -11,6 +11,8 @@ Public names:
   any torchtune decoder with packed per-sequence attention (:func:`varlen_attention`).
 * :func:`load_reward_model`: a trained reward model directory (fastrm's checkpoints, or any HF
   ``*ForSequenceClassification`` directory of a supported family) with its tokenizer.
+* ``fastrm.optim.AdamW``: AdamW for bf16 weights (fp32 update, stochastic rounding), the
+  shipped SmolLM2 configs' ``optimizer``.
 * :class:`RewardScorer`: scores rows with a trained reward model (packed, the prompt of several
   responses computed once); :func:`evaluate_pairs`: pairwise accuracy / RewardBench sections.
 """

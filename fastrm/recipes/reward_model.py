@@ -199,7 +199,7 @@ class RewardModelRecipe:
                 self.step_in_epoch += 1
                 elapsed = time.perf_counter() - t0
                 metrics = acc.metrics(self.device, elapsed)
-                metrics["lr"] = get_lr(self.optimizer)
+                metrics["lr"] = float(get_lr(self.optimizer))  # a tensor for optimizers such as torchao's
                 metrics.update(memory_stats(self.device))
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)

@@ -14,7 +14,8 @@ applied, and the bytes each of ``N`` ranks holds are computed:
 * **optimizer state**: per trainable element and per trainable tensor, from the optimizer the
   config names (:func:`optimizer_state_layout`): ``torch.optim.AdamW`` / ``Adam`` keep
   ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype (plus ``max_exp_avg_sq`` with
-  ``amsgrad``) and a 4-byte fp32 ``step`` per tensor; ``torchao.optim.AdamW8bit`` keeps both
+  ``amsgrad``) and a 4-byte fp32 ``step`` per tensor; ``fastrm.optim.AdamW`` keeps both in fp32
+  whatever the parameter's dtype; ``torchao.optim.AdamW8bit`` keeps both
   states as uint8 codes plus one fp32 scale per ``block_size`` elements and a 256-entry fp32
   code book (a local shard under 4096 elements, or not a whole number of blocks, stays in the
   parameter's dtype); ``torch.optim.SGD`` keeps a
@@ -245,6 +246,9 @@ def optimizer_state_layout(optimizer_cfg: DictConfig, dtype: torch.dtype,
     if path in ("torch.optim.AdamW", "torch.optim.Adam"):
         states = 3 if optimizer_cfg.get("amsgrad", False) else 2
         return float(states * s), FP32  # exp_avg(, max_exp_avg_sq), exp_avg_sq; fp32 step
+    if path == "fastrm.optim.AdamW":  # exp_avg, exp_avg_sq in fp32 (or wider); fp32 step
+        wide = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
+        return float(2 * wide), FP32
     if path == "torch.optim.SGD":
         return (float(s) if float(optimizer_cfg.get("momentum", 0) or 0) > 0 else 0.0), 0
     if (path.startswith("torchao.optim.") and name in ("AdamW8bit", "Adam8bit")

@@ -342,3 +342,41 @@ def test_every_config_key_the_readme_documents_is_used_by_a_test():
                                       (REPO / "tests").glob("*/test_*.py"))
     missing = sorted(k for k in documented if not re.search(rf"\b{k}\b", used))
     assert not missing, f"documented recipe keys no test uses: {missing}"
+
+
+def _with_optimizer(cfg, optimizer: dict):
+    cfg.optimizer = OmegaConf.create(optimizer)  # replaced whole, not merged into the tiny one
+    return cfg
+
+
+def test_bf16_run_with_stochastic_rounding_adamw_resumes_exactly(tmp_path):
+    """``optimizer: fastrm.optim.AdamW`` on bf16 weights: the fp32 moments and the rounding's
+    random stream go through the DCP training state, so a resumed run repeats the uninterrupted
+    one bit for bit; the logged lr is a plain float (history.json is JSON)."""
+    common = {"dtype": "bf16", "max_steps_per_epoch": 4, "validation_dataset": None}
+    opt = {"_component_": "fastrm.optim.AdamW", "lr": 1e-3, "weight_decay": 0.01}
+    full = run_recipe(_with_optimizer(tiny_cfg(tmp_path / "full", **common), opt))
+    part_cfg = _with_optimizer(tiny_cfg(tmp_path / "part", save_every_n_steps=2, **common), opt)
+    interrupted = RewardModelRecipe(part_cfg)
+    interrupted.setup(part_cfg)
+    _train_until(interrupted, stop_step=2)
+    resumed = run_recipe(_with_optimizer(tiny_cfg(tmp_path / "part", resume_from_checkpoint=True,
+                                                  **common), opt))
+    assert {p.dtype for p in resumed.model.parameters()} == {torch.bfloat16}
+    state = next(iter(resumed.optimizer.state.values()))
+    assert state["exp_avg"].dtype == torch.float32
+    assert losses(resumed) == losses(full) and len(losses(full)) == 4
+    history = json.loads((tmp_path / "part" / "run" / "history.json").read_text())
+    assert all(isinstance(h["lr"], float) for h in history)
+
+
+def test_a_tensor_learning_rate_is_logged_as_a_number(tmp_path):
+    """Optimizers such as torchao's keep ``lr`` as a tensor; the log and history.json take a
+    float (this crashed cleanup's JSON dump at the end of a run)."""
+    recipe = run_recipe(_with_optimizer(
+        tiny_cfg(tmp_path, max_steps_per_epoch=2, validation_dataset=None),
+        {"_component_": "fixtures.optimizers.adamw_tensor_lr", "lr": 1e-3}))
+    assert isinstance(recipe.optimizer.param_groups[0]["lr"], torch.Tensor)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["lr"] for h in history] == pytest.approx([h["lr"] for h in recipe.history])
+    assert all(isinstance(h["lr"], float) for h in history)

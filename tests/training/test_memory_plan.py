@@ -310,6 +310,7 @@ def test_fastrm_cli_runs_plan(capsys):
     {"_component_": "torch.optim.AdamW", "lr": 1e-3, "fused": True},
     {"_component_": "torch.optim.Adam", "lr": 1e-3, "amsgrad": True},
     {"_component_": "torch.optim.SGD", "lr": 1e-3, "momentum": 0.9},
+    {"_component_": "fastrm.optim.AdamW", "lr": 1e-3},
     {"_component_": "torch.optim.SGD", "lr": 1e-3},
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
