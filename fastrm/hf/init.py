@@ -88,6 +88,9 @@ def init_config(hf_dir: str, data: Optional[str] = None, validation_data: Option
     seq = min(int(max_seq_len), kw["max_seq_len"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bf16" if device == "cuda" else "fp32"
+    # bf16 weights lose every AdamW update under half a unit in the last place (most of them at
+    # lr 1e-5): in bf16 the update is computed in fp32 and rounded stochastically (fastrm.optim)
+    optimizer = "fastrm.optim.AdamW" if dtype == "bf16" else "torch.optim.AdamW"
     is_rm = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
     out = output_dir or f"outputs/{d.name}_rm"
     what = "reward model (its score.weight is the head)" if is_rm else "causal LM (a fresh head)"
@@ -133,7 +136,7 @@ def init_config(hf_dir: str, data: Optional[str] = None, validation_data: Option
         "  use_margin: false",
         "",
         "optimizer:",
-        "  _component_: torch.optim.AdamW",
+        f"  _component_: {optimizer}",
         "  lr: 1e-5",
         "  weight_decay: 0.0",
         "lr_scheduler:",

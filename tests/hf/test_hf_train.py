@@ -115,6 +115,26 @@ def test_init_refuses_what_it_cannot_train(tmp_path):
         init_config(str(src))
 
 
+def test_init_bf16_config_keeps_small_updates(tmp_path):
+    """``fastrm init --device cuda`` writes ``dtype: bf16``; its optimizer, applied to bf16
+    weights at the config's lr, must move them as AdamW in float64 would (on average): plain
+    ``torch.optim.AdamW`` rounds every one of these updates back to the old weight."""
+    from torchtune import config as tt_config
+
+    src = build_model_dir("llama", tmp_path / "base")
+    conf = OmegaConf.create(init_config(str(src), device="cuda"))
+    assert conf.dtype == "bf16"
+    w = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
+    opt = tt_config.instantiate(conf.optimizer, [w])
+    steps, lr = 200, float(conf.optimizer.lr)
+    for _ in range(steps):
+        w.grad = torch.ones_like(w)  # constant gradient: every AdamW step is lr (float64 reference)
+        opt.step()
+    assert float(conf.optimizer.weight_decay) == 0.0
+    expected = 1.0 - steps * lr
+    assert abs(w.detach().double().mean().item() - expected) < 0.1 * steps * lr
+
+
 def _recipe(tmp_path: Path, src: Path, **overrides):
     cfg = OmegaConf.merge(OmegaConf.load(init_yaml(src, tmp_path)), OmegaConf.from_dotlist(SMALL))
     for k, v in overrides.items():
