@@ -64,6 +64,8 @@ class RewardLoss(nn.Module):
     Args:
         objective: ``"bradley_terry"``, ``"hinge"`` or ``"plackett_luce"``.
         use_margin: subtract the per-pair ``margin`` (required in every call when ``True``).
+            Left unset (``None``), margins are ignored with a one-time warning when some
+            arrive; an explicit ``False`` ignores them silently (a config that chose so).
         centering_coefficient: weight of the reward-centering term.
         label_smoothing: :math:`\epsilon` of the Bradley-Terry objective, in ``[0, 0.5)``.
         hinge_margin: :math:`h` of the hinge objective.
@@ -77,7 +79,7 @@ class RewardLoss(nn.Module):
     def __init__(
         self,
         objective: str = "bradley_terry",
-        use_margin: bool = False,
+        use_margin: Optional[bool] = None,
         centering_coefficient: float = 0.0,
         label_smoothing: float = 0.0,
         hinge_margin: float = 1.0,
@@ -102,7 +104,8 @@ class RewardLoss(nn.Module):
         if label_smoothing and objective != "bradley_terry":
             raise ValueError("label_smoothing applies to objective='bradley_terry' only")
         self.objective = objective
-        self.use_margin = use_margin
+        self.use_margin = bool(use_margin)
+        self._warned_unused_margin = use_margin is not None  # explicit False: no warning
         self.centering_coefficient = float(centering_coefficient)
         self.label_smoothing = float(label_smoothing)
         self.hinge_margin = float(hinge_margin)
@@ -110,7 +113,6 @@ class RewardLoss(nn.Module):
         self.temperature = float(temperature)
         self.weighting = weighting
         self.backend = backend
-        self._warned_unused_margin = False
         self._head: Optional[nn.Module] = None
 
     # ------------------------------------------------------------------ helpers
@@ -138,8 +140,9 @@ class RewardLoss(nn.Module):
         """Checks and returns the margin to use (``None`` when margins are off)."""
         if not self.use_margin:
             if margin is not None and not self._warned_unused_margin:
-                warnings.warn("RewardLoss got a margin but use_margin=False: it is ignored; "
-                              "set use_margin: True to use it", stacklevel=3)
+                warnings.warn("RewardLoss got per-pair margins but use_margin is not set: they "
+                              "are ignored; set use_margin: true to use them (or false to say "
+                              "so and silence this)", stacklevel=3)
                 self._warned_unused_margin = True
             return None
         if margin is None:

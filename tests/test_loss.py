@@ -114,10 +114,18 @@ def test_constructor_and_shape_errors():
         RewardLoss()(torch.randn(3, 2), torch.randn(3, 2))
 
 
-def test_unused_margin_warns_once():
-    loss_fn = RewardLoss()
-    with pytest.warns(UserWarning, match="use_margin=False"):
+def test_unused_margin_warns_once_unless_turned_off_explicitly():
+    import warnings
+
+    loss_fn = RewardLoss()  # use_margin left unset: margins ignored, said once
+    with pytest.warns(UserWarning, match="use_margin"):
         loss_fn(torch.randn(2), torch.randn(2), torch.rand(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_fn(torch.randn(2), torch.randn(2), torch.rand(2))  # once only
+        chosen, rejected, margin = torch.randn(3), torch.randn(3), torch.rand(3)
+        off = RewardLoss(use_margin=False)(chosen, rejected, margin)  # a config's choice: silent
+    assert off == pytest.approx(float(-torch.nn.functional.logsigmoid(chosen - rejected).mean()))
 
 
 def test_metrics_match_hand_values():
