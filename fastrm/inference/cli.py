@@ -79,7 +79,12 @@ def main_score(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from fastrm.inference.store import score_file
+    from fastrm.judge.store import journal_path
 
+    if not Path(args.input).is_file():  # before the model loads
+        raise SystemExit(f"fastrm score: --input {args.input} does not exist (rows: .jsonl or "
+                         ".parquet)")
+    _run(journal_path, args.output)  # the output's type: .jsonl or .parquet
     scorer = load_scorer(args)
     s = _run(score_file, scorer, args.input, args.output, progress=not args.no_progress,
              checkpoint=str(Path(args.checkpoint).resolve()))

@@ -166,6 +166,14 @@ def test_score_cli_in_process_and_normalize(chatml_rm_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="not a directory"):
         main_score(["--checkpoint", str(tmp_path / "nope"), "--input", str(src), "--output",
                     str(tmp_path / "d.jsonl")])
+    # a missing input or an output of another type is a one-line error, before the model loads
+    with pytest.raises(SystemExit, match=r"--input \S*missing.jsonl does not exist"):
+        main_score(["--checkpoint", str(chatml_rm_dir), "--input", str(tmp_path / "missing.jsonl"),
+                    "--output", str(tmp_path / "e.jsonl")])
+    with pytest.raises(SystemExit, match="output must end in .jsonl or .parquet"):
+        main_score(["--checkpoint", str(chatml_rm_dir), "--input", str(src), "--output",
+                    str(tmp_path / "e.csv")])
+    assert not (tmp_path / "e.jsonl").exists()
 
 
 def test_eval_cli_on_rewardbench_fixture_and_builder(chatml_rm_dir, tmp_path, capsys):
