@@ -79,7 +79,12 @@ def main_score(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from fastrm.inference.store import score_file
+    from fastrm.judge.store import journal_path
 
+    if not Path(args.input).is_file():  # before the model loads
+        raise SystemExit(f"fastrm score: --input {args.input} does not exist (rows: .jsonl or "
+                         ".parquet)")
+    _run(journal_path, args.output)  # the output's type: .jsonl or .parquet
     scorer = load_scorer(args)
     s = _run(score_file, scorer, args.input, args.output, progress=not args.no_progress,
              checkpoint=str(Path(args.checkpoint).resolve()))
@@ -173,9 +178,16 @@ def main_serve(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long a request waits for others to share its batch (default 5)")
     args = p.parse_args(argv)
+    if args.max_wait_ms < 0:
+        p.error(f"--max-wait-ms must be >= 0, got {args.max_wait_ms:g}")
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must lie in [0, 65535], got {args.port}")
     from fastrm.inference.server import serve
 
     scorer = load_scorer(args)
-    serve(scorer, host=args.host, port=args.port, max_wait_ms=args.max_wait_ms)
+    try:
+        serve(scorer, host=args.host, port=args.port, max_wait_ms=args.max_wait_ms)
+    except OSError as err:  # the address: in use, not one of this machine's, a privileged port
+        raise SystemExit(f"fastrm serve: cannot serve on {args.host}:{args.port} ({err})") from err
     return 0
 

@@ -11,8 +11,11 @@ Three row formats (detected per row by their columns; every other column is kept
   ``"rewards": [K floats]``, in the responses' order. The prompt is computed once for all ``K``.
 
 Texts must be strings: numbers, booleans and nulls are a ``ValueError`` naming the row and the
-column (the rule of :mod:`fastrm.data.formats`). An empty response (``""``) is legal and scored
-(the chat template still closes its turn, so there is a token to read the reward at).
+column (the rule of :mod:`fastrm.data.formats`). A row's null ``response`` / ``responses`` /
+``messages`` cell beside a non-null one counts as absent, and so does a null ``prompt`` in a
+``messages`` row (a Parquet file of mixed formats has every column in every row). An empty
+response (``""``) is legal and scored (the chat template still closes its turn, so there is a
+token to read the reward at).
 
 Tokenization is the data path's (:func:`fastrm.data.dataset.tokenize_group`): each response's
 full conversation ``prompt + response`` is tokenized with the model's tokenizer exactly as an
@@ -79,18 +82,24 @@ def parse_row(row: Mapping[str, Any], index: int) -> ScoreRow:
     if not isinstance(row, Mapping):
         raise ValueError(f"row {index} is a {type(row).__name__}, not an object; rows look like "
                          f"{_FORMATS}")
-    present = [c for c in ("response", "responses", "messages") if c in row]
+    # a null cell is an absent column: a Parquet file (or DataFrame) of mixed formats has every
+    # column in every row, null where the row's format has none
+    cols = [c for c in ("response", "responses", "messages") if c in row]
+    present = [c for c in cols if not is_null(row[c])]
+    if not present and len(cols) == 1:
+        present = cols  # the only one is null: its own error below names the column
     if len(present) != 1:
-        what = "none of" if not present else f"{present}, more than one of"
-        raise ValueError(f"row {index} has {what} 'response', 'responses', 'messages'; rows look "
-                         f"like {_FORMATS}")
+        what = f"{present}, more than one of" if present else "none of"
+        nulls = f" ({', '.join(repr(c) for c in cols)} null)" if cols and not present else ""
+        raise ValueError(f"row {index} has {what} 'response', 'responses', 'messages'{nulls}; "
+                         f"rows look like {_FORMATS}")
     for out in (REWARD_FIELD, REWARDS_FIELD):
         if out in row:
             raise ValueError(f"row {index} already has a {out!r} column, which scoring writes; "
                              "rename or drop it first")
     col = present[0]
     if col == "messages":
-        if "prompt" in row:
+        if "prompt" in row and not is_null(row["prompt"]):
             raise ValueError(f"row {index} has both 'messages' and 'prompt'; a messages row holds "
                              "the whole conversation (drop 'prompt')")
         msgs = to_messages(row["messages"], "user", index, "messages") if not is_null(

@@ -143,13 +143,17 @@ class JsonlStore:
 
 
 def jsonl_to_parquet(jsonl_path: PathLike, parquet_path: PathLike) -> int:
-    """Write the rows of a finished JSONL journal to Parquet (atomic rename); returns the row count."""
+    """Write the rows of a finished JSONL journal to Parquet (atomic rename); returns the row count.
+    The columns are those of all rows (first seen first); a row lacking one has null there."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = list(iter_jsonl(jsonl_path))
+    # every column of every row (Table.from_pylist takes the columns of the first row only and
+    # would silently drop the others); a row without a column gets null there
+    columns = dict.fromkeys(k for r in rows for k in r)
     try:
-        table = pa.Table.from_pylist(rows)
+        table = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in columns})
     except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
         raise ValueError(
             f"{jsonl_path}: rows cannot form one Parquet table ({e}); a field holds values of different "

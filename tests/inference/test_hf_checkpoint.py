@@ -166,6 +166,33 @@ def test_score_cli_in_process_and_normalize(chatml_rm_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="not a directory"):
         main_score(["--checkpoint", str(tmp_path / "nope"), "--input", str(src), "--output",
                     str(tmp_path / "d.jsonl")])
+    # a missing input or an output of another type is a one-line error, before the model loads
+    with pytest.raises(SystemExit, match=r"--input \S*missing.jsonl does not exist"):
+        main_score(["--checkpoint", str(chatml_rm_dir), "--input", str(tmp_path / "missing.jsonl"),
+                    "--output", str(tmp_path / "e.jsonl")])
+    with pytest.raises(SystemExit, match="output must end in .jsonl or .parquet"):
+        main_score(["--checkpoint", str(chatml_rm_dir), "--input", str(src), "--output",
+                    str(tmp_path / "e.csv")])
+    assert not (tmp_path / "e.jsonl").exists()
+
+
+def test_serve_cli_bad_options_and_busy_port_are_one_line_errors(chatml_rm_dir, capsys):
+    import socket
+
+    from fastrm.inference.cli import main_serve
+
+    with pytest.raises(SystemExit):
+        main_serve(["--checkpoint", str(chatml_rm_dir), "--max-wait-ms", "-1"])
+    assert "--max-wait-ms must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main_serve(["--checkpoint", str(chatml_rm_dir), "--port", "70000"])
+    assert "--port must lie in [0, 65535], got 70000" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{port} .*in use"):
+            main_serve(["--checkpoint", str(chatml_rm_dir), "--port", str(port)])
 
 
 def test_eval_cli_on_rewardbench_fixture_and_builder(chatml_rm_dir, tmp_path, capsys):

@@ -105,3 +105,38 @@ def test_parquet_in_and_out(byte_model, byte_tok, tmp_path):
     ref = RewardScorer(byte_model, byte_tok).score(rows)
     assert [r["n"] for r in got] == list(range(7))
     assert [r["reward"] for r in got] == pytest.approx([r["reward"] for r in ref], abs=1e-5)
+
+
+def test_parquet_of_mixed_formats_in_and_out(byte_model, byte_tok, tmp_path):
+    """Rows of the three formats in one Parquet file (every column in every row, null where a
+    row's format has none) score as the JSON rows do, and a Parquet output keeps every row's
+    columns and rewards (not only the first row's columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "question 0", "response": "answer", "n": 0},
+            {"messages": [{"role": "user", "content": "question 1"},
+                          {"role": "assistant", "content": "answer one"}], "n": 1},
+            {"prompt": "question 2", "responses": ["a", "bb", ""], "n": 2},
+            {"prompt": "question 3", "response": "", "n": 3}]
+    ref = RewardScorer(byte_model, byte_tok).score(rows)
+    cols = ["prompt", "response", "messages", "responses", "n"]
+    src = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pydict({c: [r.get(c) for r in rows] for c in cols}), src)
+    for out in (tmp_path / "out.parquet", tmp_path / "out.jsonl"):
+        score_file(RewardScorer(byte_model, byte_tok), src, out, progress=False)
+    src_jsonl = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "from_jsonl.parquet"
+    score_file(RewardScorer(byte_model, byte_tok), src_jsonl, out, progress=False)
+    got = pq.read_table(out).to_pylist()
+    assert [r["n"] for r in got] == [0, 1, 2, 3]
+    for g, r in zip(got, ref):
+        for k, v in r.items():
+            if k in ("reward", "rewards"):
+                assert g[k] == pytest.approx(v, abs=1e-5)
+            else:
+                assert g[k] == v
+    from_parquet = list(iter_jsonl(tmp_path / "out.jsonl"))
+    for g, r in zip(from_parquet, ref):
+        key = "rewards" if "rewards" in r else "reward"
+        assert g[key] == pytest.approx(r[key], abs=1e-5)

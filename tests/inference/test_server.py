@@ -113,6 +113,10 @@ def test_concurrent_clients_equal_the_scorer(server, chatml_model, chatml_tok):
     ("/score", {"rows": [{"prompt": "x " * 3000, "response": "a"}]}, None, 400, "batch_tokens=1024"),
     ("/score", {}, None, 400, '"rows"'),
     ("/nope", {"query": ["x"]}, None, 404, "endpoints"),
+    # a lone surrogate escape is valid JSON but no Unicode text: a client error, not a 500
+    ("/get_reward", None, b'{"query": ["hi \\ud800"]}', 400, "not valid Unicode"),
+    ("/score", None, b'{"rows": [{"prompt": "q", "response": "\\udfff"}]}', 400,
+     "not valid Unicode"),
 ])
 def test_bad_requests_get_4xx_and_server_keeps_serving(server, path, body, raw, status, match):
     code, out = post(server + path, body, raw)

@@ -47,6 +47,13 @@ def test_parquet_and_paths(tmp_path):
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert jsonl_to_parquet(p, tmp_path / "g.parquet") == 5
     assert read_rows(tmp_path / "g.parquet") == rows
+    # rows with different columns: every column is kept, null where a row has none
+    mixed = [{"key": "a", "x": 1}, {"key": "b", "y": [1.5]}, {"key": "c", "x": 3, "z": "t"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    assert jsonl_to_parquet(p, tmp_path / "m.parquet") == 3
+    assert read_rows(tmp_path / "m.parquet") == [
+        {"key": "a", "x": 1, "y": None, "z": None}, {"key": "b", "x": None, "y": [1.5], "z": None},
+        {"key": "c", "x": 3, "y": None, "z": "t"}]
     assert journal_path(tmp_path / "g.parquet").name == "g.parquet.journal.jsonl"
     assert sidecar(tmp_path / "g.jsonl", "errors").name == "g.errors.jsonl"
     with pytest.raises(ValueError, match="jsonl or .parquet"):
