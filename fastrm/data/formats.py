@@ -98,9 +98,15 @@ _TEXT_FIX = ("text cells must be strings: convert the column to text, write '' f
 def check_text(value: Any, idx: int, column: str, what: str = "") -> str:
     """``value`` if it is a string, else ``ValueError`` naming the row, column (and ``what``,
     e.g. ``"message 2 content"``) and the fix."""
-    if isinstance(value, str):
-        return value
     where = f"{_where(idx, column)}{': ' + what if what else ''}"
+    if isinstance(value, str):
+        try:  # JSON allows lone surrogate escapes ("\ud800"), which no tokenizer can encode
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"{where} holds text that is not valid Unicode ({err.reason} at "
+                             f"character {err.start}: {value[err.start:err.end]!a}); repair or "
+                             "drop that character in the source file") from None
+        return value
     raise ValueError(f"{where} is {_kind(value)}, not text; {_TEXT_FIX}")
 
 
@@ -137,7 +143,7 @@ def to_messages(value: Any, default_role: str, idx: int, column: str) -> list[Me
     :class:`Message` objects -> list of Message. Anything else (numbers, booleans, nulls, NaN,
     non-text content) is a ``ValueError`` naming the row, the column and the message."""
     if isinstance(value, str):
-        return [Message(role=default_role, content=value)]
+        return [Message(role=default_role, content=check_text(value, idx, column))]
     if isinstance(value, Message):
         return [value]
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):

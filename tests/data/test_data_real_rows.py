@@ -164,3 +164,17 @@ def test_non_text_cells_in_other_formats(tok):
                         "score_ratio": 2.0}, 0)
     with pytest.raises(ValueError, match=r"row 0, column 'labels'"):
         SHPTransform()({"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": math.nan}, 0)
+
+
+def test_lone_surrogates_name_row_and_column(tok):
+    """JSON may escape half a UTF-16 pair ("\\ud800"; Python's json module reads it, pyarrow's
+    refuses the file naming the row); no tokenizer can encode it. The data path and `fastrm
+    score` name the row and column instead of failing inside the tokenizer."""
+    rows = [GOOD, json.loads('{"prompt": "ok", "chosen": "a\\ud800b", "rejected": "b"}')]
+    with pytest.raises(ValueError, match=r"row 1, column 'chosen'.*not valid Unicode.*\\ud800"):
+        PreferenceDataset(tok, data=rows, progress=False)
+    from fastrm.inference.rows import parse_row
+
+    with pytest.raises(ValueError, match=r"row 3, column 'response'.*not valid Unicode"):
+        parse_row({"prompt": "p", "response": "x\udfffy"}, 3)
+    assert parse_row({"prompt": "p", "response": "ok \U0001F600 é"}, 0)  # real non-ASCII is fine
