@@ -151,7 +151,7 @@ def _delegate(module: str, func: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastrm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fastrm", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("ls", help="list recipes and shipped configs").set_defaults(func=_cmd_ls)
     cp = sub.add_parser("cp", help="copy a shipped config")

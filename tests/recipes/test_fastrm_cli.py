@@ -131,7 +131,7 @@ def test_top_level_help_describes_every_command_and_each_delegate_has_its_own_he
         parser.parse_args(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    assert "see --help" not in text
+    assert "see --help" not in text and "``" not in text  # plain text, not reST markup
     for name in ("ls", "cp", "train", "prepare", "plan", "init", "generate", "judge",
                  "decompose", "score", "eval", "serve"):
         assert f"\n    {name} " in text, name
