@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from fastrm.data.batch import collate_packed, shares_prefix
+from fastrm.data.formats import check_text
 from fastrm.data.group import PreferenceGroup
 from fastrm.data.planner import plan_rows
 from fastrm.inference.rows import parse_row, text_tokens, tokenize_row
@@ -238,7 +239,7 @@ class RewardScorer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ValueError(f"query {i} is a {type(t).__name__}, not a string")
-            seqs.append(text_tokens(self.tokenizer, t))
+            seqs.append(text_tokens(self.tokenizer, check_text(t, i, "query")))  # valid Unicode
         # runs of lexicographically sorted sequences: a run grows while the prompt tokens it
         # saves, (members - 1) * shared prefix, grow (a long shared system prompt does not
         # swallow the longer prompts that follow it)
