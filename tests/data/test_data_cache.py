@@ -377,7 +377,7 @@ def test_rank_zero_builds_while_the_others_wait(tmp_path, free_port, shared):
 def test_recipe_rerun_reads_the_prepared_data_and_trains_the_same(tmp_path, caplog):
     """The recipe end to end: a run with the cache off, a first run that fills the cache and a
     rerun that reads it give the same losses; the rerun builds nothing."""
-    from fastrm.recipes.reward_model import RewardModelRecipe
+    from fixtures.recipes import run_recipe
 
     def run(name, cache) -> list[float]:
         cfg = OmegaConf.load(REPO / "fastrm" / "recipes" / "configs" / "tiny_llama3_synthetic.yaml")
@@ -388,10 +388,7 @@ def test_recipe_rerun_reads_the_prepared_data_and_trains_the_same(tmp_path, capl
                      "dataset.max_seq_len": 256, "validation_dataset.max_seq_len": 256,
                      "packing.max_seq_len": 512}.items():
             OmegaConf.update(cfg, k, v, force_add=True)
-        recipe = RewardModelRecipe(cfg)
-        recipe.setup(cfg)
-        recipe.train()
-        recipe.cleanup()
+        recipe = run_recipe(cfg)
         return [h["loss"] for h in recipe.history]
 
     off = run("off", None)

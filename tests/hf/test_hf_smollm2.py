@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fastrm.recipes.reward_model import RewardModelRecipe
 
 from fixtures.hf_models import check_hf_rewards
+from fixtures.recipes import run_recipe
 
 CONFIG = Path(__file__).resolve().parents[2] / "fastrm" / "recipes" / "configs" / "smollm2_135m_synthetic.yaml"
 
@@ -27,10 +27,7 @@ def test_smollm2_checkpoint_is_an_hf_reward_model(smollm2_dir, tmp_path):
                  "metric_logger._component_": "torchtune.training.metric_logging.DiskLogger",
                  "dtype": "fp32"}.items():  # the parity acceptance is in fp32
         OmegaConf.update(cfg, k, v, force_add=True)
-    recipe = RewardModelRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.train()
-    recipe.cleanup()
+    run_recipe(cfg)
     out = tmp_path / "run" / "epoch_0"
     saved = json.loads((out / "config.json").read_text())
     assert saved["architectures"] == ["LlamaForSequenceClassification"]

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from fastrm.models.random_hf import write_random_llama_checkpoint
 from fastrm.recipes.reward_model import RewardModelRecipe
+from fixtures.recipes import run_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "fastrm" / "recipes" / "configs" / "tiny_llama3_synthetic.yaml"
@@ -51,10 +52,7 @@ def cfg_for(tmp_path: Path, name: str, world: int, **overrides):
 def run(cfg, world: int) -> list[dict]:
     """Runs the recipe (in this process for 1 rank, ``tune run`` for more); its history."""
     if world == 1:
-        recipe = RewardModelRecipe(cfg)
-        recipe.setup(cfg)
-        recipe.train()
-        recipe.cleanup()
+        recipe = run_recipe(cfg)
     else:
         path = Path(cfg.output_dir + ".yaml")
         OmegaConf.save(cfg, path)
@@ -148,10 +146,7 @@ def test_max_shard_size_key(tmp_path):
 
     cfg = cfg_for(tmp_path, "sharded", 1, max_shard_size=30_000, epochs=1, max_steps_per_epoch=1,
                   save_every_n_steps=None, validation_dataset=None)
-    recipe = RewardModelRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.train()
-    recipe.cleanup()
+    recipe = run_recipe(cfg)
     out = tmp_path / "sharded" / "epoch_0"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))

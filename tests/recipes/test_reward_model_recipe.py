@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from fastrm.training.config import ConfigError, validate_config
 from fastrm.recipes.reward_model import RewardModelRecipe
+from fixtures.recipes import run_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "fastrm" / "recipes" / "configs" / "tiny_llama3_synthetic.yaml"
@@ -33,14 +34,6 @@ def tiny_cfg(tmp_path: Path, **overrides) -> OmegaConf:
     for k, v in base.items():
         OmegaConf.update(cfg, k, v, force_add=True)
     return cfg
-
-
-def run_recipe(cfg) -> RewardModelRecipe:
-    recipe = RewardModelRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.train()
-    recipe.cleanup()
-    return recipe
 
 
 def losses(recipe_or_dir) -> list[float]:
